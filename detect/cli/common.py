@@ -1,0 +1,20 @@
+"""Shared plumbing of the command-line tools: one-line errors and exit codes."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from detect.errors import DetectError
+
+
+def run_cli(body: Callable[[], int]) -> int:
+    """Run a tool's body; a DetectError becomes one line on stderr and exit code 2."""
+    try:
+        return body()
+    except DetectError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

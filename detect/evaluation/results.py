@@ -1,0 +1,157 @@
+"""Detection results at the file-format edges: VOC results files and COCO results JSON.
+
+In memory, detections are ``{image_id: {"boxes": (N,4) xyxy, "scores": (N,), "labels": (N,)}}``
+in the library's box convention. VOC files hold 1-based pixels, one file per class
+(``comp4_det_<split>_<class>.txt``, lines ``image_id score xmin ymin xmax ymax``); COCO
+JSON holds ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`` records.
+Numbers are written with Python's shortest round-trip ``repr``, so evaluating the
+files gives bit-for-bit the same result as evaluating the detections in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from detect.data.records import ImageRecord
+from detect.data.voc import to_voc_pixels
+from detect.errors import ResultsFormatError
+from detect.evaluation.voc import ClassDetections
+from detect.utils.io import atomic_open, atomic_write_json
+
+
+def voc_results_path(out_dir: str | Path, split: str, class_name: str, prefix: str = "comp4") -> Path:
+    return Path(out_dir) / f"{prefix}_det_{split}_{class_name}.txt"
+
+
+def _num(value: float) -> str:
+    return repr(float(value))
+
+
+def write_voc_results(out_dir: str | Path, detections: dict, class_names: list[str], split: str,
+                      *, image_ids: list[str] | None = None, prefix: str = "comp4") -> list[Path]:
+    """Write one VOC results file per class; returns the paths (every class gets a file, maybe empty)."""
+    order = image_ids if image_ids is not None else list(detections)
+    lines: list[list[str]] = [[] for _ in class_names]
+    for image_id in order:
+        det = detections.get(image_id)
+        if det is None:
+            continue
+        voc = to_voc_pixels(np.asarray(det["boxes"], dtype=np.float64))
+        for box, score, label in zip(voc, np.asarray(det["scores"]).reshape(-1), np.asarray(det["labels"]).reshape(-1)):
+            lines[int(label)].append(f"{image_id} {_num(score)} {_num(box[0])} {_num(box[1])} {_num(box[2])} {_num(box[3])}\n")
+    paths = []
+    for name, class_lines in zip(class_names, lines):
+        path = voc_results_path(out_dir, split, name, prefix)
+        with atomic_open(path, "w") as handle:
+            handle.writelines(class_lines)
+        paths.append(path)
+    return paths
+
+
+def read_voc_results_file(path: Path, image_index: dict[str, int]) -> ClassDetections:
+    """Parse one class's results file; any malformed line is an error naming the file and line."""
+    images, scores, boxes = [], [], []
+    with open(path, encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 6:
+                raise ResultsFormatError(f"{path}:{lineno}: expected 6 fields 'image_id score xmin ymin xmax ymax', got {len(parts)}")
+            image_id = parts[0]
+            if image_id not in image_index:
+                raise ResultsFormatError(f"{path}:{lineno}: unrecognized image '{image_id}' (not in the evaluated split)")
+            try:
+                score = float(parts[1])
+            except ValueError:
+                raise ResultsFormatError(f"{path}:{lineno}: score '{parts[1]}' is not a number") from None
+            try:
+                box = [float(v) for v in parts[2:]]
+            except ValueError:
+                raise ResultsFormatError(f"{path}:{lineno}: box '{' '.join(parts[2:])}' has a non-numeric coordinate") from None
+            if not np.isfinite(score) or not np.all(np.isfinite(box)):
+                raise ResultsFormatError(f"{path}:{lineno}: non-finite score or coordinate")
+            images.append(image_index[image_id])
+            scores.append(score)
+            boxes.append(box)
+    return ClassDetections(np.asarray(images, dtype=np.int64), np.asarray(scores, dtype=np.float64),
+                           np.asarray(boxes, dtype=np.float64).reshape(-1, 4))
+
+
+def read_voc_results(det_dir: str | Path, split: str, class_names: list[str], records: list[ImageRecord],
+                     *, prefix: str | None = None) -> list[ClassDetections]:
+    """Read the per-class results files of a directory (``<prefix>_det_<split>_<class>.txt``).
+
+    The prefix is found automatically (comp3/comp4/...) when not given. A class whose file is
+    missing has no detections (with a warning); no file at all is an error.
+    """
+    det_dir = Path(det_dir)
+    if not det_dir.is_dir():
+        raise ResultsFormatError(f"detections directory not found: {det_dir}")
+    image_index = {r.image_id: i for i, r in enumerate(records)}
+    out, missing = [], []
+    for name in class_names:
+        if prefix is not None:
+            candidates = [voc_results_path(det_dir, split, name, prefix)]
+        else:
+            candidates = sorted(det_dir.glob(f"*_det_{split}_{name}.txt"))
+        existing = [c for c in candidates if c.is_file()]
+        if len(existing) > 1:
+            raise ResultsFormatError(f"{det_dir}: several results files for class '{name}': {[c.name for c in existing]}; pass a prefix")
+        if not existing:
+            missing.append(name)
+            out.append(ClassDetections(np.zeros(0, np.int64), np.zeros(0), np.zeros((0, 4))))
+            continue
+        out.append(read_voc_results_file(existing[0], image_index))
+    if len(missing) == len(class_names):
+        raise ResultsFormatError(f"{det_dir}: no results files '*_det_{split}_<class>.txt' for any of {class_names}")
+    if missing:
+        warnings.warn(f"{det_dir}: no results file for classes {missing}; they count as having no detections")
+    return out
+
+
+def detections_to_coco(detections: dict, image_ids: dict[str, int], category_ids: list[int]) -> list[dict]:
+    """Library detections -> COCO results records (``bbox`` as ``[x, y, w, h]``)."""
+    results = []
+    for image_id, det in detections.items():
+        if image_id not in image_ids:
+            raise ResultsFormatError(f"detections for image '{image_id}', which is not in the annotations")
+        coco_id = image_ids[image_id]
+        boxes = np.asarray(det["boxes"], dtype=np.float64).reshape(-1, 4)
+        for box, score, label in zip(boxes, np.asarray(det["scores"]).reshape(-1), np.asarray(det["labels"]).reshape(-1)):
+            results.append({"image_id": coco_id, "category_id": int(category_ids[int(label)]),
+                            "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])],
+                            "score": float(score)})
+    return results
+
+
+def write_coco_results(path: str | Path, detections: dict, image_ids: dict[str, int], category_ids: list[int]) -> Path:
+    """Write a COCO results JSON; ``image_ids`` maps our ids to COCO's integers, ``category_ids[label]`` the category."""
+    atomic_write_json(path, detections_to_coco(detections, image_ids, category_ids), indent=None)
+    return Path(path)
+
+
+def read_coco_results(path: str | Path) -> list[dict]:
+    """Load and validate a COCO results JSON (a list of detection records)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ResultsFormatError(f"results file not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ResultsFormatError(f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    if not isinstance(data, list):
+        raise ResultsFormatError(f"{path}: expected a JSON list of detections, got {type(data).__name__}")
+    for i, rec in enumerate(data):
+        if not isinstance(rec, dict) or not {"image_id", "category_id", "bbox", "score"} <= set(rec):
+            raise ResultsFormatError(f"{path}: entry {i} must have image_id, category_id, bbox and score")
+        bbox = rec["bbox"]
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
+            raise ResultsFormatError(f"{path}: entry {i} has bbox {bbox!r}, expected [x, y, w, h] numbers")
+        if isinstance(rec["score"], bool) or not isinstance(rec["score"], (int, float)):
+            raise ResultsFormatError(f"{path}: entry {i} has non-numeric score {rec['score']!r}")
+    return data

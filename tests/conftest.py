@@ -1,0 +1,41 @@
+"""Shared fixtures: a tiny hand-made VOC tree (with difficult and truncated objects)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from detect.data.records import ImageRecord
+from detect.data.voc import VOCDataset, write_annotation, write_split
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def make_voc_tree(root: Path, num_images: int = 6, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Write a small VOC tree: images ``img<i>.jpg``, classes ``cat``/``dog``, split ``test``."""
+    rng = np.random.default_rng(seed)
+    names = ["cat", "dog"]
+    ids = []
+    for i in range(num_images):
+        w, h = int(rng.integers(80, 140)), int(rng.integers(80, 140))
+        path = root / "JPEGImages" / f"img{i}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path, quality=90)
+        n = int(rng.integers(1, 4))
+        xy = rng.integers(0, 40, (n, 2))
+        wh = rng.integers(10, 40, (n, 2))
+        boxes = np.concatenate([xy, np.minimum(xy + wh, [w, h])], 1).astype(np.float32)
+        record = ImageRecord(f"img{i}", path, w, h, boxes, rng.integers(0, 2, n), rng.random(n) < 0.25, rng.random(n) < 0.3)
+        write_annotation(root / "Annotations" / f"img{i}.xml", record, names)
+        ids.append(f"img{i}")
+    write_split(root, "test", ids)
+    return ids, names
+
+
+@pytest.fixture
+def voc_tree(tmp_path):
+    root = tmp_path / "voc"
+    _, names = make_voc_tree(root)
+    data = VOCDataset(root, "test", classes=names)
+    return root, data.records, names

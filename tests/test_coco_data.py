@@ -1,0 +1,87 @@
+"""COCO JSON reading (crowd kept as ignored, degenerate boxes dropped) and VOC <-> COCO conversion."""
+
+import json
+
+import numpy as np
+import pytest
+
+from detect.cli.convert import main as convert_main
+from detect.data.coco import COCODataset
+from detect.data.voc import DegenerateBoxWarning, VOCDataset
+from detect.errors import DatasetError
+from detect.evaluation import evaluate
+
+
+def coco_file(tmp_path, annotations):
+    data = {"images": [{"id": 7, "file_name": "a.jpg", "width": 100, "height": 80},
+                       {"id": 3, "file_name": "b.jpg", "width": 50, "height": 50}],
+            "categories": [{"id": 18, "name": "dog"}, {"id": 1, "name": "person"}],
+            "annotations": annotations}
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_coco_boxes_labels_and_crowd(tmp_path):
+    path = coco_file(tmp_path, [
+        {"id": 1, "image_id": 7, "category_id": 18, "bbox": [10, 20, 30, 40], "iscrowd": 0, "area": 1200},
+        {"id": 2, "image_id": 7, "category_id": 1, "bbox": [0, 0, 100, 80], "iscrowd": 1, "area": 8000},
+        {"id": 3, "image_id": 3, "category_id": 1, "bbox": [5, 5, 0, 10], "iscrowd": 0, "area": 0},
+    ])
+    with pytest.warns(DegenerateBoxWarning, match="annotation id 3 of image 'b.jpg'"):
+        data = COCODataset(path, tmp_path)
+    assert data.class_names == ["person", "dog"] and data.category_ids == [1, 18]
+    b, a = data.records                              # sorted by COCO id: 3 then 7
+    assert a.image_id == "7" and a.path == tmp_path / "a.jpg"
+    assert a.boxes.tolist() == [[10, 20, 40, 60], [0, 0, 100, 80]]
+    assert a.labels.tolist() == [1, 0] and a.difficult.tolist() == [False, True]
+    assert len(b.boxes) == 0
+    only_dogs = COCODataset(path, tmp_path, classes=["dog"])
+    assert only_dogs.records[1].labels.tolist() == [0]
+    with pytest.raises(DatasetError, match=r"classes \['cat'\] are not categories"):
+        COCODataset(path, tmp_path, classes=["cat"])
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{", "not valid JSON at line 1"),
+    ("[]", "expected a JSON object"),
+    ('{"images": [], "categories": []}', "missing or non-list 'annotations'"),
+    ('{"images": [], "categories": [], "annotations": [{"image_id": 1, "category_id": 1, "bbox": "x"}]}', "annotation #0"),
+])
+def test_bad_coco_json(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(DatasetError) as info:
+        COCODataset(path, tmp_path)
+    assert message in str(info.value) and "bad.json" in str(info.value)
+
+
+def test_voc_to_coco_to_voc_round_trip(tmp_path, voc_tree, capsys):
+    root, records, names = voc_tree
+    out_json = tmp_path / "test.json"
+    assert convert_main(["voc2coco", "--voc", str(root), "--split", "test", "--out", str(out_json),
+                         "--classes", ",".join(names)]) == 0
+    data = json.loads(out_json.read_text())
+    assert len(data["images"]) == len(records)
+    assert len(data["annotations"]) == sum(len(r.boxes) for r in records)
+    assert sum(a["iscrowd"] for a in data["annotations"]) == sum(int(r.difficult.sum()) for r in records)
+    back = tmp_path / "back"
+    assert convert_main(["coco2voc", "--coco", str(out_json), "--images", str(root / "JPEGImages"),
+                         "--out", str(back), "--split", "test"]) == 0
+    again = VOCDataset(back, "test", classes=names)
+    for r0, r1 in zip(records, again.records):
+        assert r0.image_id == r1.image_id
+        np.testing.assert_array_equal(r0.boxes, r1.boxes)
+        np.testing.assert_array_equal(r0.labels, r1.labels)
+        np.testing.assert_array_equal(r0.difficult, r1.difficult)
+        assert r1.path.is_file()
+
+
+def test_perfect_detections_score_one_on_every_metric(voc_tree):
+    _, records, names = voc_tree
+    dets = {r.image_id: {"boxes": r.boxes[~r.difficult], "scores": np.ones(int((~r.difficult).sum())),
+                         "labels": r.labels[~r.difficult]} for r in records}
+    out = evaluate(records, dets, names, "all")
+    assert out["voc07"]["mAP"] == pytest.approx(1.0) and out["voc10"]["mAP"] == pytest.approx(1.0)
+    assert out["coco"]["stats"]["AP50"] == pytest.approx(1.0) and out["coco"]["mAP"] == pytest.approx(1.0)
+    assert evaluate(records, {}, names, "coco")["mAP"] == 0.0
