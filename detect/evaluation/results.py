@@ -52,8 +52,8 @@ def write_voc_results(out_dir: str | Path, detections: dict, class_names: list[s
     return paths
 
 
-def read_voc_results_file(path: Path, image_index: dict[str, int]) -> ClassDetections:
-    """Parse one class's results file; any malformed line is an error naming the file and line."""
+def _parse_voc_lines_checked(path: Path, image_index: dict[str, int]) -> ClassDetections:
+    """Line-by-line parse: slow, but names the first bad line exactly."""
     images, scores, boxes = [], [], []
     with open(path, encoding="utf-8") as handle:
         for lineno, line in enumerate(handle, start=1):
@@ -80,6 +80,34 @@ def read_voc_results_file(path: Path, image_index: dict[str, int]) -> ClassDetec
             boxes.append(box)
     return ClassDetections(np.asarray(images, dtype=np.int64), np.asarray(scores, dtype=np.float64),
                            np.asarray(boxes, dtype=np.float64).reshape(-1, 4))
+
+
+def read_voc_results_file(path: Path, image_index: dict[str, int]) -> ClassDetections:
+    """Parse one class's results file; any malformed line is an error naming the file and line.
+
+    The common, well-formed case is parsed with numpy in bulk; anything unexpected falls back to
+    the line-by-line parser, which finds and names the offending line.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ResultsFormatError(f"{path}: not a UTF-8 text file") from None
+    tokens = text.split()
+    rows = sum(1 for line in text.splitlines() if line.strip())
+    if len(tokens) != 6 * rows:
+        return _parse_voc_lines_checked(path, image_index)
+    if rows == 0:
+        return ClassDetections(np.zeros(0, np.int64), np.zeros(0), np.zeros((0, 4)))
+    table = np.array(tokens, dtype=object).reshape(rows, 6)
+    try:
+        numbers = table[:, 1:].astype(np.float64)
+        unique_ids, inverse = np.unique(table[:, 0].astype(str), return_inverse=True)
+        lookup = np.array([image_index[i] for i in unique_ids], dtype=np.int64)
+    except (ValueError, KeyError):
+        return _parse_voc_lines_checked(path, image_index)
+    if not np.all(np.isfinite(numbers)):
+        return _parse_voc_lines_checked(path, image_index)
+    return ClassDetections(lookup[inverse.reshape(-1)], numbers[:, 0].copy(), numbers[:, 1:].copy())
 
 
 def read_voc_results(det_dir: str | Path, split: str, class_names: list[str], records: list[ImageRecord],
