@@ -165,3 +165,21 @@ def test_real_grayscale_raccoon_loads_as_rgb():
     image = read_image(gray[0].path)
     assert image.shape == (gray[0].height, gray[0].width, 3)
     assert len(data) == 160 and sum(len(r.boxes) for r in data.records) == 173
+
+
+def test_auto_classes_skip_a_broken_annotation_and_odd_numbers_are_clear(tmp_path):
+    write_tree(tmp_path, {"a": [("cat", (1, 1, 5, 5), 0, 0)], "b": []})
+    (tmp_path / "Annotations" / "b.xml").write_text("<annotation>")
+    with pytest.warns(UserWarning, match="skipped image b"):
+        data = VOCDataset(tmp_path, "s", classes="auto")
+    assert data.class_names == ["cat"] and len(data) == 1
+    (tmp_path / "Annotations" / "b.xml").write_text(XML.format(name="b", objects="").replace("<width>50", "<width>inf"))
+    with pytest.raises(DatasetError, match=r"b\.xml: <size> has a non-numeric width"):
+        VOCDataset(tmp_path, "s", classes=["cat"], strict=True)
+
+
+def test_read_image_returns_a_writable_array(tmp_path):
+    Image.new("RGB", (4, 4)).save(tmp_path / "x.png")
+    image = read_image(tmp_path / "x.png")
+    image[0, 0] = 255
+    assert image.flags.writeable and image[0, 0, 0] == 255

@@ -15,7 +15,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from detect.errors import ImageReadError
 
-Image.MAX_IMAGE_PIXELS = 1_000_000_000   # our own limit below; PIL's default warns at 89 MP
+Image.MAX_IMAGE_PIXELS = 1_000_000_000   # PIL's default warns at 89 MP; above 2x this it refuses (reported below)
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:
@@ -55,11 +55,13 @@ def read_image(path: str | Path) -> np.ndarray:
                 array = _to_rgb(img)
     except UnidentifiedImageError:
         raise ImageReadError(f"{path}: not a readable image file") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(f"{path}: image too large to decode safely ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(f"{path}: cannot decode image ({exc})") from None
     if array.ndim != 3 or array.shape[0] == 0 or array.shape[1] == 0:
         raise ImageReadError(f"{path}: image has no pixels")
-    return np.ascontiguousarray(array)
+    return np.array(array, copy=True, order="C")   # writable: augmentations work in place
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

@@ -45,8 +45,12 @@ def read_split(root: Path, split: str) -> list[str]:
     if not path.is_file():
         available = sorted(p.stem for p in path.parent.glob("*.txt")) if path.parent.is_dir() else []
         raise DatasetError(f"split file not found: {path} (available splits: {available or 'none'})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DatasetError(f"split file {path} is not UTF-8 text") from None
     ids = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         parts = line.split()
         if parts:
             ids.append(parts[0])
@@ -68,6 +72,8 @@ def parse_annotation_xml(path: Path) -> ET.Element:
         return SafeET.parse(str(path)).getroot()
     except FileNotFoundError:
         raise DatasetError(f"annotation file not found: {path}") from None
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read annotation ({exc.strerror or exc})") from None
     except DefusedXmlException as exc:
         raise DatasetError(f"{path}: refused unsafe XML ({type(exc).__name__}: {exc})") from None
     except ET.ParseError as exc:
@@ -84,7 +90,7 @@ def read_objects(path: Path) -> tuple[dict, list[dict]]:
     try:
         width = int(float(_text(size, "width", "0")))
         height = int(float(_text(size, "height", "0")))
-    except ValueError:
+    except (ValueError, OverflowError):
         raise DatasetError(f"{path}: <size> has a non-numeric width or height") from None
     meta = {"filename": _text(root, "filename"), "width": width, "height": height}
     objects = []
@@ -104,7 +110,7 @@ def read_objects(path: Path) -> tuple[dict, list[dict]]:
             raw = _text(obj, tag, "0")
             try:
                 flags[tag] = bool(int(float(raw)))
-            except ValueError:
+            except (ValueError, OverflowError):
                 raise DatasetError(f"{path}: object #{index} ('{name}') has <{tag}>{raw}</{tag}>, expected 0 or 1") from None
         objects.append({"name": name, "bbox": bbox, "index": index, **flags})
     return meta, objects
@@ -122,11 +128,16 @@ def box_problem(box: np.ndarray, width: int, height: int) -> str | None:
     return None
 
 
-def discover_classes(root: Path, split: str) -> list[str]:
-    """Sorted class names found in the annotations of a split."""
+def discover_classes(root: Path, split: str, *, strict: bool = False) -> list[str]:
+    """Sorted class names found in the annotations of a split (unreadable files are skipped unless strict)."""
     names: set[str] = set()
     for image_id in read_split(root, split):
-        _, objects = read_objects(Path(root) / "Annotations" / f"{image_id}.xml")
+        try:
+            _, objects = read_objects(Path(root) / "Annotations" / f"{image_id}.xml")
+        except DatasetError:
+            if strict:
+                raise
+            continue   # reported when the split itself is loaded
         names.update(obj["name"] for obj in objects)
     if not names:
         raise DatasetError(f"{root}: no objects in split '{split}', so no classes can be discovered; list them in data.classes")
@@ -199,7 +210,7 @@ class VOCDataset:
         if classes == "voc":
             classes = list(VOC_CLASSES)
         elif classes == "auto":
-            classes = discover_classes(self.root, class_split or split)
+            classes = discover_classes(self.root, class_split or split, strict=strict)
         elif isinstance(classes, str):
             raise DatasetError(f"data.classes must be a list of names, 'voc' or 'auto', got '{classes}'")
         self.class_names: list[str] = list(classes)
