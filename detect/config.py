@@ -63,6 +63,7 @@ class BackboneConfig:
     weights: str = "imagenet"      # "none" | "imagenet" | path to a local state dict
     freeze_at: int = 2             # number of early stages whose parameters are frozen
     freeze_bn: bool = True
+    allow_download: bool = False   # "imagenet" may download missing torchvision weights (off: a clear error instead)
 
 
 @dataclass
@@ -71,6 +72,7 @@ class AnchorConfig:
 
     sizes: list[float] = field(default_factory=lambda: [128.0, 256.0, 512.0])
     ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    offset: float = 0.5            # anchor centre inside its feature cell, in cells (0.5: cell centre; torchvision: 0)
 
 
 @dataclass
@@ -88,9 +90,11 @@ class RPNConfig:
     post_nms_top_n_train: int = 2000
     pre_nms_top_n_test: int = 6000
     post_nms_top_n_test: int = 300
-    min_size: float = 16.0
+    min_size: float = 16.0         # proposals smaller than this (network-input pixels) are dropped (py-faster-rcnn: 16)
     box_loss_weight: float = 1.0
     smooth_l1_beta: float = 1.0 / 9.0
+    box_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])  # delta weights (py-faster-rcnn: 1)
+    allow_low_quality_matches: bool = True  # each gt's highest-IoU anchors are positive (Sec. 3.1.2)
 
 
 @dataclass
@@ -98,7 +102,9 @@ class RoIHeadConfig:
     """Fast R-CNN RoI head (Fast R-CNN Sec. 2)."""
 
     pooler: Literal["roi_pool", "roi_align"] = "roi_pool"
-    pooled_size: int = 7
+    pooled_size: int = 0           # 0: the backbone's own size (VGG16 7, AlexNet/ZF 6, ResNet/GoogLeNet 14 before res5)
+    aligned: bool = True           # RoIAlign half-pixel alignment (Detectron2's ROIAlignV2)
+    add_gt_as_proposals: bool = True  # training RoIs include the ground truth (py-faster-rcnn)
     sampling_ratio: int = 2
     batch_size_per_image: int = 128
     positive_fraction: float = 0.25
@@ -134,16 +140,20 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0005
     schedule: Literal["step", "cosine"] = "step"
+    schedule_unit: Literal["iter", "epoch"] = "iter"   # unit of max_iter, steps, checkpoint_period, eval_period
     max_iter: int = 70000
     steps: list[int] = field(default_factory=lambda: [50000])
     gamma: float = 0.1
     warmup_iters: int = 0
     warmup_factor: float = 0.001
+    bias_lr_factor: float = 2.0    # py-faster-rcnn: biases learn at twice the LR ...
+    bias_weight_decay: bool = False  # ... and are not decayed
     clip_grad_norm: float = 0.0    # 0: no clipping
     checkpoint_period: int = 5000
     keep_checkpoints: int = 3
     eval_period: int = 0           # 0: evaluate only at the end
-    max_nonfinite: int = 5
+    max_nonfinite: int = 5         # non-finite losses in a row that stop the run
+    log_period: int = 20           # iterations per line of metrics.jsonl
     seed: int = 0
     workers: int = 2
     amp: bool = False
@@ -154,6 +164,7 @@ class TrainConfig:
 class TestConfig:
     metric: Literal["voc07", "voc10", "coco", "all"] = "voc07"
     split: str = ""                # empty: data.test_split
+    images_per_batch: int = 1
 
 
 @dataclass
@@ -170,12 +181,79 @@ class ProposalConfig:
 
 
 @dataclass
+class FastRCNNConfig:
+    """Fast R-CNN (Girshick, ICCV 2015): which proposals feed the RoI head, scales, truncated SVD.
+
+    The RoI head itself is ``model.roi_heads``; the paper's hierarchical sampling is
+    ``train.images_per_batch: 2`` with ``model.roi_heads.batch_size_per_image: 64``.
+    """
+
+    proposal_source: Literal["stored", "selective_search", "ground_truth"] = "stored"
+    train_proposals: int = 2000    # best-ranked stored boxes used per training image (Sec. 4: ~2k)
+    test_proposals: int = 2000     # ... per test image (Sec. 5.5: 2k selective-search boxes)
+    compute_missing: bool = False  # an image missing from the store: compute its boxes instead of an error
+    test_scales: list[int] = field(default_factory=list)   # several: multi-scale testing (Sec. 5.2); empty: single
+    multiscale_area: float = 224.0 * 224.0   # each RoI is read at the scale where its area is closest to this (SPPnet)
+    svd_rank_fc6: int = 0          # truncated SVD of fc6 (Sec. 3.1); 0 keeps the dense layer
+    svd_rank_fc7: int = 0          # truncated SVD of fc7 (Sec. 3.1: 1024 / 256 for VGG16 fc6 / fc7)
+
+
+@dataclass
+class SVMConfig:
+    """R-CNN's per-class linear SVMs with hard negative mining (Sec. 2.3; values of the authors' rcnn code)."""
+
+    C: float = 0.001
+    pos_weight: float = 2.0        # liblinear -w1
+    bias_multiplier: float = 10.0  # liblinear -B (sklearn intercept_scaling)
+    hard_thresh: float = -1.0001   # a negative scoring above this is hard: added to the cache
+    easy_thresh: float = -1.2      # a cached negative scoring below this is easy: evicted before retraining
+    neg_iou: float = 0.3           # negatives: proposals with IoU < 0.3 with every box of the class (Sec. 2.3)
+    retrain_limit: int = 2000      # retrain after this many new hard negatives (rcnn_train.m)
+    epochs: int = 1                # passes of hard negative mining over the training images
+    feature_norm: float = 20.0     # features are scaled so their mean L2 norm is this (rcnn_scale_features)
+
+
+@dataclass
+class BoxRegressionConfig:
+    """R-CNN class-specific bounding-box regression on pool5 (Appendix C)."""
+
+    enabled: bool = True
+    alpha: float = 1000.0          # ridge lambda
+    min_overlap: float = 0.6       # train on proposals with IoU > 0.6 with a ground-truth box
+
+
+@dataclass
+class RCNNConfig:
+    """R-CNN (Girshick et al., CVPR 2014): warped regions, fine-tuning, SVMs, box regression."""
+
+    proposal_source: Literal["stored", "selective_search", "ground_truth"] = "stored"
+    crop_size: int = 227           # warped region size (AlexNet 227, Sec. 2.1)
+    context_padding: int = 16      # pixels of context around the box in the warped frame (Appendix A)
+    train_proposals: int = 2000
+    test_proposals: int = 2000
+    compute_missing: bool = False
+    window_batch: int = 128        # warped regions per forward pass (features and test)
+    finetune_batch: int = 128      # windows per fine-tuning mini-batch (Sec. 2.3) ...
+    finetune_fg_fraction: float = 0.25   # ... 32 positives and 96 backgrounds
+    finetune_fg_iou: float = 0.5   # fine-tuning positives: IoU >= 0.5 with a ground-truth box
+    feature_layer: Literal["fc7", "pool5"] = "fc7"     # SVM features (Table 2: fine-tuned fc7 is best)
+    feature_cache: str = ""        # directory of the stage-2 feature cache (empty: <run>/features)
+    score_thresh: float = -1.0     # test: detections with an SVM score below this are dropped
+    nms_thresh: float = 0.3        # test: per-class greedy NMS (Sec. 2.2)
+    detections_per_img: int = 100
+    svm: SVMConfig = field(default_factory=SVMConfig)
+    bbox_reg: BoxRegressionConfig = field(default_factory=BoxRegressionConfig)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     test: TestConfig = field(default_factory=TestConfig)
     proposals: ProposalConfig = field(default_factory=ProposalConfig)
+    fast_rcnn: FastRCNNConfig = field(default_factory=FastRCNNConfig)
+    rcnn: RCNNConfig = field(default_factory=RCNNConfig)
     source: str = ""               # file this config was loaded from (informational)
 
 

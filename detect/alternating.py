@@ -1,0 +1,89 @@
+"""4-step alternating training of Faster R-CNN (Ren et al., Sec. 3.2), on top of :func:`detect.engine.fit`.
+
+1. train the RPN (trunk + RPN layers) from the backbone's initial weights;
+2. train a *separate* network's trunk + Fast R-CNN head on the frozen step-1 RPN's proposals;
+3. take the step-2 network, put the step-1 RPN layers on it, fix the trunk and train the RPN layers only;
+4. keep the trunk fixed and fine-tune the head on the network's own proposals.
+
+The model says which parameters train in each step (``apply_alternating_step``) and
+which loss terms a stage computes (``loss(..., stage=...)``). Each step is one ordinary
+``fit`` run, in ``<out>/step<k>``, with the ``train`` schedule; a finished step leaves
+``model_final.pt`` there, so ``--resume`` skips finished steps and resumes the current one
+from its newest checkpoint. The final model is copied to ``<out>/model_final.pt``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from detect import checkpoint as ckpt_io
+from detect import distributed
+from detect.config import Config, config_to_dict
+from detect.data.loader import DetectionDataset
+from detect.engine import fit
+
+
+def _finished_step(step_dir: Path, model: nn.Module) -> int | None:
+    """Load a finished step's weights into ``model`` and return its iterations; None if unfinished."""
+    final = step_dir / "model_final.pt"
+    if not final.is_file():
+        return None
+    ckpt = ckpt_io.load_checkpoint(final)
+    ckpt_io.load_model_weights(model, ckpt)
+    return int(ckpt["iteration"])
+
+
+def fit_alternating(build: Callable[[], nn.Module], train_set: DetectionDataset, cfg: Config, *,
+                    out_dir: str | Path, device: torch.device, val_set: DetectionDataset | None = None,
+                    resume: bool = False, log: Callable[[str], None] = print, progress: bool = True) -> dict:
+    """Run the four steps; ``build()`` returns a freshly initialised detector (same seed, same weights).
+
+    Returns:
+        ``{"model": the step-4 detector, "final_checkpoint": path, "iteration": total iterations}``.
+    """
+    from detect.faster_rcnn import apply_alternating_step
+
+    out_dir = Path(out_dir)
+    models: dict[int, nn.Module] = {}
+    total = 0
+    for step in (1, 2, 3, 4):
+        step_dir = out_dir / f"step{step}"
+        if step in (1, 2):
+            model = build()          # steps 1 and 2 both start from the backbone's initial weights
+        else:
+            model = models[step - 1]
+            if step == 3:            # the step-2 trunk and head, with the step-1 RPN layers
+                model.rpn.load_state_dict(models[1].rpn.state_dict())
+        spec = apply_alternating_step(model, step)
+        log(f"alternating training, step {step}: stage '{spec.stage}', training {', '.join(spec.trains)}")
+        models[step] = model
+        done = _finished_step(step_dir, model) if resume else None
+        if done is not None:
+            log(f"step {step} already finished ({step_dir / 'model_final.pt'})")
+            total += done
+            continue
+        loss_kwargs: dict | Callable = {"stage": spec.stage}
+        if spec.proposals == "step1":
+            proposer = copy.deepcopy(models[1]).to(device).eval()
+            for p in proposer.parameters():
+                p.requires_grad_(False)
+
+            def loss_kwargs(images, proposer=proposer, stage=spec.stage):
+                boxes, _ = proposer.propose(images, training=True)
+                return {"stage": stage, "proposals": [b.clone() for b in boxes]}
+
+        latest = ckpt_io.latest_checkpoint(step_dir) if resume else None
+        result = fit(model, train_set, cfg, out_dir=step_dir, device=device, val_set=val_set, resume=latest,
+                     log=log, progress=progress, loss_kwargs=loss_kwargs)
+        total += result["iteration"]
+    final = None
+    if distributed.is_main():
+        final = ckpt_io.save_checkpoint(out_dir / "model_final.pt", model=models[4], config=config_to_dict(cfg),
+                                        class_names=train_set.class_names, iteration=total)
+    distributed.barrier()
+    return {"model": models[4], "final_checkpoint": final, "iteration": total}

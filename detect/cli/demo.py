@@ -1,0 +1,113 @@
+"""``detect-demo`` / ``tools/demo.py``: detect objects in every image of a folder and draw them.
+
+    tools/demo.py --checkpoint runs/x/model_final.pt --images DIR --out DIR [--score-thresh 0.5] [--device cpu|cuda]
+
+Every image under ``--images`` (recursively) is written to ``--out`` at the same relative
+path with its detections drawn; ``detections.json`` (one entry per input image) and
+``detections.csv`` (one row per detection) list file, class, score and box
+(``x1, y1, x2, y2`` in pixels). Unreadable files are listed and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from detect.cli.common import run_cli
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="detect-demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint file, or a training output folder")
+    parser.add_argument("--images", required=True, type=Path, help="folder of images (searched recursively)")
+    parser.add_argument("--out", required=True, type=Path, help="folder for the drawn images and detections.json/csv")
+    parser.add_argument("--score-thresh", type=float, default=0.5, help="keep detections with at least this score")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of the stored config, e.g. --set model.roi_heads.nms_thresh=0.4")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def _save_image(image: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    from detect.utils.io import atomic_write_bytes
+
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF",
+           ".webp": "WEBP"}.get(path.suffix.lower(), "PNG")
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run the demo; returns the content of ``detections.json``."""
+    from tqdm import tqdm
+
+    from detect.checkpoint import model_from_checkpoint
+    from detect.cli.train import prepare_out_dir
+    from detect.data.folder import list_images
+    from detect.data.image import read_image
+    from detect.data.loader import image_to_tensor
+    from detect.distributed import resolve_device
+    from detect.errors import ImageReadError
+    from detect.utils.io import atomic_open, atomic_write_json
+    from detect.visualize import draw_detections
+
+    device = resolve_device(args.device)
+    out_abs = args.out.resolve()
+    # an --out inside --images must not feed a rerun its own drawings
+    paths = [p for p in list_images(args.images) if out_abs not in p.resolve().parents]
+    model, _, ckpt = model_from_checkpoint(args.checkpoint, overrides=args.overrides, device=device)
+    names = list(ckpt["class_names"])
+    prepare_out_dir(args.out, resume=True, overwrite=False)
+    entries, unreadable = [], []
+    for path in tqdm(paths, desc="demo", disable=args.no_progress, dynamic_ncols=True):
+        rel = path.relative_to(args.images)
+        try:
+            image = read_image(path)
+        except ImageReadError as exc:
+            unreadable.append({"file": rel.as_posix(), "reason": str(exc)})
+            continue
+        with torch.no_grad():
+            det = model.predict([image_to_tensor(image).to(device)])[0]
+        keep = det["scores"] >= args.score_thresh
+        boxes = det["boxes"][keep].float().cpu().numpy()
+        scores = det["scores"][keep].float().cpu().numpy()
+        labels = det["labels"][keep].cpu().numpy()
+        _save_image(draw_detections(image, boxes, scores, labels, names), args.out / rel)
+        entries.append({"file": rel.as_posix(), "width": int(image.shape[1]), "height": int(image.shape[0]),
+                        "detections": [{"class": names[int(c)], "score": float(s), "box": [float(v) for v in b]}
+                                       for b, s, c in zip(boxes, scores, labels)]})
+    report = {"checkpoint": str(ckpt["path"]), "score_thresh": args.score_thresh, "images": entries,
+              "unreadable": unreadable}
+    atomic_write_json(args.out / "detections.json", report)
+    with atomic_open(args.out / "detections.csv", "w") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["file", "class", "score", "x1", "y1", "x2", "y2"])
+        for entry in entries:
+            for d in entry["detections"]:
+                writer.writerow([entry["file"], d["class"], f"{d['score']:.6f}", *(f"{v:.2f}" for v in d["box"])])
+    found = sum(len(e["detections"]) for e in entries)
+    print(f"{found} detections (score >= {args.score_thresh}) in {len(entries)} images; drawn images in {args.out}")
+    if unreadable:
+        print(f"skipped {len(unreadable)} unreadable file(s):")
+        for item in unreadable:
+            print(f"  {item['file']}: {item['reason']}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_cli(lambda: (run(args), 0)[1])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,108 @@
+"""Where a training run reports: ``metrics.jsonl``, TensorBoard (when installed) and a tqdm bar.
+
+Only rank 0 writes. On resume, ``metrics.jsonl`` is cut back to the resumed iteration
+(rewritten atomically) so the file never holds two lines for one iteration.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from detect.utils.io import atomic_write_text
+
+
+def json_safe(value):
+    """NaN / inf become null (strict JSON has no NaN); containers are cleaned recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+class MetricsLog:
+    """Append JSON lines to ``<out_dir>/metrics.jsonl`` and scalars to TensorBoard."""
+
+    def __init__(self, out_dir: str | Path, *, resume_at: int = 0, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.writer = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_file():
+            kept = []
+            if resume_at > 0:
+                for line in self.path.read_text(encoding="utf-8").splitlines():
+                    try:
+                        if json.loads(line).get("iteration", 0) <= resume_at:
+                            kept.append(line + "\n")
+                    except ValueError:
+                        continue
+            atomic_write_text(self.path, "".join(kept))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"), purge_step=resume_at or None)
+        except ImportError:   # tensorboard is optional
+            self.writer = None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(json_safe(record)) + "\n")
+        if self.writer is not None:
+            prefix = record.get("split", "train")
+            for key, value in record.items():
+                if key != "iteration" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(f"{prefix}/{key}", value, record.get("iteration", 0))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    @staticmethod
+    def append(out_dir: str | Path, record: dict) -> None:
+        """Add one line to an existing run's ``metrics.jsonl`` (e.g. the final test evaluation)."""
+        log = MetricsLog.__new__(MetricsLog)
+        log.enabled, log.path, log.writer = True, Path(out_dir) / "metrics.jsonl", None
+        log.write(record)
+
+
+class ProgressBar:
+    """A tqdm bar showing loss, LR and images/s; a no-op when disabled (other ranks, tests)."""
+
+    def __init__(self, *, total: int, initial: int = 0, desc: str = "", enabled: bool = True) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=sys.stderr,
+                            mininterval=0.5)
+        self._images, self._seconds = 0, 0.0
+
+    def update(self, n: int = 1, record: dict | None = None) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(n)
+        if record:
+            self._images += record.get("images", 0)
+            self._seconds += record.get("time", 0.0)
+            postfix = {"lr": f"{record['lr']:.2e}"}
+            if "loss" in record:
+                postfix["loss"] = f"{record['loss']:.3f}"
+            if self._seconds > 0:
+                postfix["img/s"] = f"{self._images / self._seconds:.1f}"
+            self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

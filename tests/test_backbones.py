@@ -1,0 +1,98 @@
+"""Backbones: declared stride/channels, freezing, frozen BN and folding, weights from cache or file (never downloaded)."""
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from detect.backbones import BACKBONES, build_backbone, fold_frozen_batchnorm
+from detect.errors import CheckpointError, ConfigError
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_declared_geometry_matches_the_network(name):
+    torch.manual_seed(0)
+    backbone, head = build_backbone(name)
+    backbone.eval(), head.eval()
+    with torch.no_grad():
+        features = backbone(torch.rand(1, 3, 96, 128))
+        vectors = head(torch.rand(2, backbone.out_channels, backbone.roi_size, backbone.roi_size))
+    assert features.shape[1] == backbone.out_channels
+    assert backbone.stride == 16
+    # AlexNet's unpadded pools lose a cell; the others give ceil(size / 16)
+    assert abs(features.shape[2] - 96 / 16) <= 1 and abs(features.shape[3] - 128 / 16) <= 1
+    assert vectors.shape == (2, backbone.head_channels)
+    with torch.no_grad():     # the smallest padded input survives the trunk
+        assert backbone(torch.rand(1, 3, backbone.min_input_size, backbone.min_input_size)).shape[-1] >= 1
+
+
+def test_freeze_at_fixes_leading_stages():
+    backbone, _ = build_backbone("vgg16", freeze_at=2)
+    convs = [m for m in backbone.trunk.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.weight.requires_grad for c in convs[:5]] == [False, False, False, False, True]   # conv1_x, conv2_x fixed
+    assert len(backbone.frozen_parameters()) == 8
+
+
+def test_freeze_bn_and_fold_keeps_outputs():
+    torch.manual_seed(0)
+    backbone, head = build_backbone("resnet18", freeze_bn=True)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in [*backbone.modules(), *head.modules()])
+    for m in backbone.modules():        # non-trivial statistics so folding is really tested
+        if isinstance(m, FrozenBatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.uniform_(0.5, 1.5)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        before = backbone(x)
+        assert fold_frozen_batchnorm(backbone) == 1 + 4 + 5 + 5   # stem, layer1, layer2 and layer3 with downsample
+        after = backbone(x)
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in backbone.modules())
+    assert torch.allclose(before, after, atol=1e-4)
+
+
+def test_imagenet_weights_missing_from_cache_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: pytest.fail("tried to download"))
+    with pytest.raises(CheckpointError, match="weights=none") as err:
+        build_backbone("resnet18", weights="imagenet")
+    assert str(tmp_path / "checkpoints" / "resnet18-f37072fd.pth") in str(err.value)
+    with pytest.raises(ConfigError, match="no ImageNet weights"):
+        build_backbone("zf", weights="imagenet")
+
+
+def test_imagenet_weights_are_read_from_the_torch_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    reference = torchvision.models.resnet18(weights=None)
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(reference.state_dict(), tmp_path / "checkpoints" / "resnet18-f37072fd.pth")
+    backbone, head = build_backbone("resnet18", weights="imagenet", freeze_bn=False)
+    assert torch.equal(backbone.trunk[0][0].weight, reference.conv1.weight)
+    assert torch.equal(head[0][1].conv2.weight, reference.layer4[1].conv2.weight)
+
+
+def test_local_weight_files(tmp_path):
+    reference = torchvision.models.alexnet(weights=None)
+    path = tmp_path / "alexnet.pth"
+    torch.save({"state_dict": reference.state_dict()}, path)
+    backbone, head = build_backbone("alexnet", weights=str(path))
+    assert torch.equal(backbone.trunk[4][0].weight, reference.features[10].weight)
+    assert torch.equal(head[2].weight, reference.classifier[1].weight)
+    # this module's own layout round-trips too
+    own = tmp_path / "own.pth"
+    torch.save({**{f"trunk.{k}": v for k, v in backbone.trunk.state_dict().items()},
+                **{f"roi_head.{k}": v for k, v in head.state_dict().items()}}, own)
+    again, _ = build_backbone("alexnet", weights=str(own))
+    assert torch.equal(again.trunk[0][0].weight, backbone.trunk[0][0].weight)
+    partial = tmp_path / "partial.pth"
+    torch.save({k: v for k, v in reference.state_dict().items() if not k.startswith("features.0")}, partial)
+    with pytest.raises(CheckpointError, match="missing"):
+        build_backbone("alexnet", weights=str(partial))
+    with pytest.raises(CheckpointError, match="not found"):
+        build_backbone("alexnet", weights=str(tmp_path / "nope.pth"))
+
+
+def test_unknown_backbone_names_the_choices():
+    with pytest.raises(ConfigError, match="vgg16"):
+        build_backbone("vgg19")

@@ -1,0 +1,60 @@
+"""Every Faster R-CNN config builds, trains one step and predicts on the CPU; paper values are where they belong."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from detect import build_model, load_config
+from detect.faster_rcnn import FasterRCNN
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "faster_rcnn").glob("*.yaml"))
+SMALL = ["model.backbone.weights=none", "model.input.min_size=[128]", "model.input.max_size=192",
+         "model.input.test_min_size=128", "model.rpn.pre_nms_top_n_train=300", "model.rpn.post_nms_top_n_train=64",
+         "model.rpn.pre_nms_top_n_test=300", "model.rpn.post_nms_top_n_test=8",
+         "model.roi_heads.batch_size_per_image=8"]  # ResNet-50 runs conv5_x per RoI: keep RoIs few
+
+
+def test_all_recipes_are_present():
+    assert {p.name for p in CONFIGS} >= {"vgg16_voc07.yaml", "zf_voc07.yaml", "resnet50_voc0712.yaml",
+                                         "resnet50_coco.yaml", "tiny_synthetic.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_builds_trains_one_step_and_predicts(path):
+    torch.manual_seed(0)
+    cfg = load_config(path, overrides=SMALL)
+    model = build_model(cfg, class_names=["a", "b", "c"])
+    assert isinstance(model, FasterRCNN) and model.backbone.name == cfg.model.backbone.name
+    assert model.rpn.anchor_generator.num_anchors == len(cfg.model.anchors.sizes) * len(cfg.model.anchors.ratios)
+    images = [torch.rand(3, 90, 120), torch.rand(3, 100, 80)]
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 70.0, 80.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[5.0, 20.0, 60.0, 90.0], [30.0, 5.0, 75.0, 40.0]]), "labels": torch.tensor([0, 2])}]
+    model.train()
+    losses = model.loss(images, targets)
+    assert all(math.isfinite(v.item()) for v in losses.values())
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1e-3)
+    sum(losses.values()).backward()
+    optimizer.step()
+    dets = model.predict(images)
+    assert len(dets) == 2 and all(d["boxes"].shape[1] == 4 for d in dets)
+
+
+def test_paper_values():
+    vgg = load_config(CONFIGS[0].parent / "vgg16_voc07.yaml").model
+    assert (vgg.input.min_size, vgg.input.max_size) == ([600], 1000)
+    assert (vgg.anchors.sizes, vgg.anchors.ratios) == ([128.0, 256.0, 512.0], [0.5, 1.0, 2.0])
+    r = vgg.rpn
+    assert (r.batch_size_per_image, r.positive_fraction, r.fg_iou_thresh, r.bg_iou_thresh) == (256, 0.5, 0.7, 0.3)
+    assert (r.nms_thresh, r.pre_nms_top_n_train, r.post_nms_top_n_train) == (0.7, 12000, 2000)
+    assert (r.pre_nms_top_n_test, r.post_nms_top_n_test, r.allowed_border) == (6000, 300, 0.0)
+    h = vgg.roi_heads
+    assert (h.pooler, h.batch_size_per_image, h.positive_fraction, h.fg_iou_thresh) == ("roi_pool", 128, 0.25, 0.5)
+    assert (h.bg_iou_thresh_lo, h.bg_iou_thresh_hi, h.nms_thresh) == (0.1, 0.5, 0.3)
+    assert load_config(CONFIGS[0].parent / "zf_voc07.yaml").model.rpn.channels == 256
+    coco = load_config(CONFIGS[0].parent / "resnet50_coco.yaml")
+    assert coco.model.anchors.sizes == [64.0, 128.0, 256.0, 512.0] and coco.data.format == "coco"
+    tiny = load_config(CONFIGS[0].parent / "tiny_synthetic.yaml")
+    assert tiny.model.backbone.weights == "none" and tiny.data.format == "synthetic"

@@ -1,0 +1,170 @@
+"""The training loop with a tiny fake detector: schedule, resume equality, non-finite losses, clipping."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tests.engine_fakes import CLASSES, FakeDetector, fake_config, fake_dataset
+
+from detect.data.loader import DetectionDataset, GroupedBatchSampler, eval_loader
+from detect.engine import TrainingDiverged, build_optimizer, evaluate, fit, lr_factor, resolve_schedule
+from detect.errors import CheckpointError
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return fake_dataset(tmp_path_factory.mktemp("images"))
+
+
+def _train(images, out, *, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = FakeDetector()
+    cfg = kwargs.pop("cfg", None) or fake_config()
+    result = fit(model, images, cfg, out_dir=out, progress=False, log=kwargs.pop("log", lambda m: None), **kwargs)
+    return model, result
+
+
+def test_lr_schedule_warmup_steps_and_cosine():
+    cfg = fake_config(lr=0.1, warmup_iters=10, warmup_factor=0.1, steps=[20, 30], gamma=0.5, max_iter=40)
+    sched = resolve_schedule(cfg.train, iters_per_epoch=5)
+    assert lr_factor(0, cfg.train, sched) == pytest.approx(0.1)
+    assert lr_factor(5, cfg.train, sched) == pytest.approx(0.55)
+    assert lr_factor(10, cfg.train, sched) == 1.0
+    assert lr_factor(25, cfg.train, sched) == 0.5
+    assert lr_factor(35, cfg.train, sched) == 0.25
+    cfg.train.schedule = "cosine"
+    assert lr_factor(20, cfg.train, sched) == pytest.approx(0.5)
+    assert lr_factor(40, cfg.train, sched) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_schedule_in_epochs_converts_to_iterations():
+    cfg = fake_config(schedule_unit="epoch", max_iter=4, steps=[3], checkpoint_period=2, eval_period=1)
+    sched = resolve_schedule(cfg.train, iters_per_epoch=6)
+    assert (sched.max_iter, sched.steps, sched.checkpoint_period, sched.eval_period) == (24, [18], 12, 6)
+
+
+def test_optimizer_gives_biases_their_own_lr_and_no_decay():
+    cfg = fake_config(lr=0.01, weight_decay=0.001, bias_lr_factor=2.0, bias_weight_decay=False)
+    model = FakeDetector()
+    model.obj.weight.requires_grad_(False)
+    opt = build_optimizer(model, cfg.train)
+    weights, biases = opt.param_groups
+    assert (weights["lr"], weights["weight_decay"], weights["momentum"]) == (0.01, 0.001, 0.9)
+    assert (biases["lr"], biases["weight_decay"]) == (0.02, 0.0)
+    assert all(p is not model.obj.weight for g in opt.param_groups for p in g["params"])
+    assert len(weights["params"]) + len(biases["params"]) == 7
+
+
+def test_fit_writes_checkpoints_metrics_and_lowers_the_loss(images, tmp_path):
+    cfg = fake_config(max_iter=30, steps=[25], checkpoint_period=10, keep_checkpoints=2, log_period=10)
+    _, result = _train(images, tmp_path, cfg=cfg)
+    assert result["iteration"] == 30 and not result["stopped"]
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt"))
+    assert names == ["ckpt_0000020.pt", "ckpt_0000030.pt"]   # the last K=2
+    assert (tmp_path / "checkpoints" / "last_checkpoint").read_text().strip() == "ckpt_0000030.pt"
+    assert (tmp_path / "model_final.pt").is_file()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in lines] == [10, 20, 30]
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    assert lines[-1]["lr"] == pytest.approx(0.005)
+    assert all(r["images_per_s"] > 0 for r in lines)
+
+
+@pytest.mark.parametrize("stop_after", [4, 6])
+def test_resume_after_a_kill_gives_bitwise_the_same_weights(images, tmp_path, stop_after):
+    """Killed after ``stop_after`` iterations (checkpoints every 3), resumed: same weights as never stopped."""
+    cfg = fake_config(max_iter=11, steps=[8], checkpoint_period=3)
+    cfg.model.input.flip = True
+    reference, _ = _train(images, tmp_path / "ref", cfg=cfg)
+    _, first = _train(images, tmp_path / "run", cfg=cfg, stop_after=stop_after)
+    assert first["stopped"] and first["iteration"] == stop_after
+    messages = []
+    resumed, result = _train(images, tmp_path / "run", cfg=cfg, seed=123, resume=tmp_path / "run",
+                             log=messages.append)
+    assert f"at iteration {3 * (stop_after // 3)}" in messages[0]
+    assert result["iteration"] == 11
+    for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    # and not trivially: the weights did move
+    assert not torch.equal(reference.conv.weight, FakeDetector().conv.weight)
+
+
+def test_a_different_seed_changes_the_result(images, tmp_path):
+    a, _ = _train(images, tmp_path / "a", cfg=fake_config(max_iter=4))
+    b, _ = _train(images, tmp_path / "b", cfg=fake_config(max_iter=4, seed=1))
+    assert not torch.equal(a.cls.weight, b.cls.weight)
+
+
+def test_non_finite_loss_skips_the_step_and_names_the_images(images, tmp_path):
+    torch.manual_seed(0)
+    model = FakeDetector(nan_calls={2})
+    messages = []
+    cfg = fake_config(max_iter=5, checkpoint_period=0)
+    fit(model, images, cfg, out_dir=tmp_path, progress=False, log=messages.append)
+    nan_lines = [m for m in messages if "non-finite" in m]
+    sampler = GroupedBatchSampler(images.aspect_ratios(), 2, seed=cfg.train.seed, flip=True)
+    third = [images.records[i].image_id for i, _ in sampler.global_batches()[2]]
+    assert len(nan_lines) == 1 and "iteration 3" in nan_lines[0] and str(third) in nan_lines[0]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert model.calls == 5
+
+
+def test_too_many_non_finite_losses_in_a_row_stop_the_run(images, tmp_path):
+    torch.manual_seed(0)
+    model = FakeDetector(nan_calls={1, 2, 3})
+    with pytest.raises(TrainingDiverged, match="3 iterations in a row"):
+        fit(model, images, fake_config(max_iter=10, max_nonfinite=3), out_dir=tmp_path, progress=False,
+            log=lambda m: None)
+
+
+def test_gradient_clipping_bounds_the_first_update(images, tmp_path):
+    clip, lr = 0.01, 0.5
+    cfg = fake_config(max_iter=1, lr=lr, weight_decay=0.0, bias_lr_factor=1.0, clip_grad_norm=clip,
+                      checkpoint_period=0)
+    torch.manual_seed(0)
+    model = FakeDetector(random=False)
+    start = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    fit(model, images, cfg, out_dir=tmp_path, progress=False, log=lambda m: None)
+    step = torch.cat([p.detach().flatten() for p in model.parameters()]) - start
+    # first SGD step: update = lr * clipped gradient, whose norm is exactly the clip value
+    assert step.norm().item() == pytest.approx(lr * clip, rel=1e-4)
+
+
+def test_unreadable_image_is_skipped_and_reported_once(images, tmp_path):
+    records = list(images.records)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    records[0] = type(records[0])(records[0].image_id, broken, 48, 32, records[0].boxes, records[0].labels)
+    dataset = DetectionDataset(records, CLASSES, train=True)
+    messages = []
+    _, result = _train(dataset, tmp_path / "out", cfg=fake_config(max_iter=12, checkpoint_period=0),
+                       log=messages.append)
+    assert result["iteration"] == 12
+    skipped = [m for m in messages if m.startswith("skipped image img000")]
+    assert len(skipped) == 1 and "broken.png" in skipped[0]
+
+
+def test_evaluate_returns_every_image_and_leaves_the_rng_alone(images):
+    torch.manual_seed(0)
+    model = FakeDetector()
+    eval_set = DetectionDataset(images.records, CLASSES)
+    state = torch.get_rng_state()
+    timings: dict = {}
+    detections = evaluate(model, eval_loader(eval_set, batch_size=3), device=torch.device("cpu"), timings=timings)
+    assert torch.equal(state, torch.get_rng_state())
+    assert sorted(detections) == sorted(r.image_id for r in images.records)
+    det = detections["img004"]
+    assert det["boxes"].shape == (1, 4) and det["labels"].dtype.name == "int64"
+    assert timings["images"] == len(images) and timings["total"] > 0
+    assert model.training   # mode restored
+
+
+def test_fit_refuses_a_checkpoint_for_other_classes(images, tmp_path):
+    _train(images, tmp_path, cfg=fake_config(max_iter=3))
+    other = DetectionDataset(images.records, ["a", "b", "c"], train=True)
+    torch.manual_seed(0)
+    with pytest.raises(CheckpointError, match="trained for classes"):
+        fit(FakeDetector(["a", "b", "c"]), other, fake_config(max_iter=6), out_dir=tmp_path, resume=tmp_path,
+            progress=False, log=lambda m: None)

@@ -1,0 +1,214 @@
+"""The HTML report and the analyze / explain tools, on a briefly trained tiny_synthetic Faster R-CNN."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from detect.analysis.html import HtmlReport, referenced_files
+from detect.cli import analyze, explain, test as test_cli, train
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "faster_rcnn" / "tiny_synthetic.yaml"
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    base = tmp_path_factory.mktemp("analysis")
+    sets = [f"data.root={base / 'synth'}", "data.synthetic_images=12", "train.max_iter=4", "train.checkpoint_period=4",
+            "train.eval_period=0", "train.images_per_batch=2", "train.workers=0", "train.warmup_iters=2",
+            "train.log_period=2", "model.input.min_size=[160]", "model.input.test_min_size=160"]
+    out = base / "run"
+    args = ["--config", str(CONFIG), "--out", str(out), "--no-progress", "--no-test"]
+    assert train.main(args + [x for s in sets for x in ("--set", s)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def report(run_dir):
+    out = run_dir.parent / "report"
+    out.mkdir()
+    (out / "stale.png").write_bytes(b"left over from something else")
+    code = analyze.main(["--checkpoint", str(run_dir / "model_final.pt"), "--split", "test", "--out", str(out),
+                         "--no-progress", "--rpn-recall", "--deconv-images", "4", "--deconv-count", "1",
+                         "--occlusion", "1", "--samples", "3"])
+    assert code == 0
+    return out
+
+
+def test_report_references_only_files_it_wrote(report):
+    page = (report / "index.html").read_text(encoding="utf-8")
+    refs = referenced_files(page)
+    assert refs
+    for ref in refs:
+        assert not re.match(r"^[a-z]+:", ref) and not ref.startswith("/") and ".." not in ref, ref
+        assert (report / ref).is_file(), ref
+    on_disk = {p.relative_to(report).as_posix() for p in report.rglob("*") if p.is_file()}
+    assert set(refs) == on_disk - {"index.html", "stale.png"}        # everything it wrote, nothing else
+    assert "<script" not in page and "<link" not in page and "http" not in page
+    for section in ("Average precision", "AP by object size", "Proposal recall", "Error analysis", "Detections",
+                    "Occlusion sensitivity", "Deconvnet"):
+        assert section in page
+    images = [r for r in refs if r.endswith((".png", ".jpg"))]
+    assert any(r.startswith("occlusion/") for r in images) and any(r.startswith("deconvnet/") for r in images)
+
+
+def test_report_numbers_match_the_test_tool(report, run_dir, tmp_path):
+    numbers = json.loads((report / "analysis.json").read_text())
+    out = tmp_path / "test"
+    assert test_cli.main(["--checkpoint", str(run_dir / "model_final.pt"), "--split", "test", "--metric", "voc07",
+                          "--out", str(out), "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]["voc07"]
+    assert numbers["summary"]["mAP"] == pytest.approx(metrics["mAP"], nan_ok=True)
+    for name, ap in metrics["per_class"].items():
+        assert numbers["per_class"][name]["ap"] == pytest.approx(ap, nan_ok=True)
+    assert numbers["breakdown"]["all"]["mAP"] == pytest.approx(metrics["mAP"], nan_ok=True)
+    assert set(numbers["error_analysis"]["per_class"]) == set(metrics["per_class"])
+    assert "RPN" in numbers["proposal_recall"] and numbers["deconvnet"]["layer"] == "conv5"
+
+
+def _chromium(page: Path, profile: Path) -> tuple[str, list[str]]:
+    command = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+               "--enable-logging=stderr", "--v=0", "--dump-dom", page.as_uri()]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    return done.stdout, [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
+
+
+_CHECK = """<script>window.addEventListener("load", function () {
+  var all = Array.prototype.slice.call(document.images);
+  var bad = all.filter(function (i) { return !(i.complete && i.naturalWidth > 0); });
+  bad.forEach(function (i) { console.error("broken image: " + i.getAttribute("src")); });
+  document.body.setAttribute("data-images", all.length);
+  document.body.setAttribute("data-broken", bad.length);
+});</script>"""
+
+
+@pytest.mark.skipif(not CHROMIUM.is_file(), reason="no Chromium at /usr/bin/chromium")
+def test_report_opens_in_headless_chromium(report, tmp_path):
+    dom, console = _chromium(report / "index.html", tmp_path / "profile1")
+    assert "Detector analysis" in dom and console == []
+    # the page has no script; a copy with a checker script finds every image decoded
+    copy = tmp_path / "copy"
+    shutil.copytree(report, copy)
+    page = (copy / "index.html").read_text(encoding="utf-8")
+    (copy / "check.html").write_text(page.replace("</body>", _CHECK + "</body>"), encoding="utf-8")
+    count = page.count("<img ")
+    dom, console = _chromium(copy / "check.html", tmp_path / "profile2")
+    assert f'data-images="{count}"' in dom and 'data-broken="0"' in dom and console == []
+    # and the checker does see a missing image
+    next(copy.glob("figures/*.png")).unlink()
+    dom, console = _chromium(copy / "check.html", tmp_path / "profile3")
+    assert 'data-broken="1"' in dom and len(console) == 1 and "broken image: figures/" in console[0]
+
+
+def test_html_writer_refuses_files_it_did_not_write(tmp_path):
+    page = HtmlReport(tmp_path, "t")
+    with pytest.raises(ValueError, match="not written"):
+        page.figure("elsewhere.png")
+    for bad in ("../x.png", "/tmp/x.png", "C:/x.png"):
+        with pytest.raises(ValueError, match="relative"):
+            page.path(bad)
+    page.parts.append('<img src="https://example.org/x.png">')
+    with pytest.raises(ValueError, match="did not write"):
+        page.write()
+    assert not (tmp_path / "index.html").exists()
+
+
+def _first_image(run_dir: Path) -> Path:
+    return sorted((run_dir.parent / "synth" / "JPEGImages").glob("*.jpg"))[0]
+
+
+def _image_with_a_detection(run_dir: Path) -> Path:
+    from detect.checkpoint import model_from_checkpoint
+    from detect.data.image import read_image
+    from detect.data.loader import image_to_tensor
+
+    model, _, _ = model_from_checkpoint(run_dir / "model_final.pt")
+    for path in sorted((run_dir.parent / "synth" / "JPEGImages").glob("*.jpg")):
+        if len(model.predict([image_to_tensor(read_image(path))])[0]["scores"]):
+            return path
+    pytest.fail("the briefly trained model detects nothing in any image")
+
+
+def test_explain_occlusion_box_and_deconvnet(run_dir, tmp_path, capsys):
+    ckpt, image = str(run_dir / "model_final.pt"), str(_image_with_a_detection(run_dir))
+    out = tmp_path / "explain"
+    assert explain.main(["--checkpoint", ckpt, "--image", image, "--out", str(out), "--detection", "0"]) == 0
+    summary = json.loads((out / f"occlusion_{Path(image).stem}_det0.json").read_text())
+    assert (out / f"occlusion_{Path(image).stem}_det0.png").is_file()
+    assert 0 <= summary["lowest"] <= summary["baseline"] + 1 and summary["positions"] >= summary["evaluated"] > 0
+    assert explain.main(["--checkpoint", ckpt, "--image", image, "--out", str(out), "--box", "10,10,60,70",
+                         "--label", "square"]) == 0
+    assert json.loads((out / f"occlusion_{Path(image).stem}_box.json").read_text())["label"] == "square"
+    assert explain.main(["--checkpoint", ckpt, "--image", image, "--out", str(out), "--layer", "conv4",
+                         "--channel", "3", "--top", "4"]) == 0
+    units = json.loads((out / f"deconv_{Path(image).stem}_conv4_c3.json").read_text())["units"]
+    assert 1 <= len(units) <= 4 and units[0]["activation"] >= units[-1]["activation"]
+
+
+@pytest.mark.parametrize("case", ["detection", "layer", "box", "missing_checkpoint", "similar"])
+def test_bad_input_is_one_line_naming_it(case, run_dir, tmp_path, capsys):
+    ckpt, image = str(run_dir / "model_final.pt"), str(_first_image(run_dir))
+    base = ["--checkpoint", ckpt, "--image", image, "--out", str(tmp_path)]
+    if case == "detection":
+        code, expected = explain.main(base + ["--detection", "100000"]), "--detection 100000 does not exist"
+    elif case == "layer":
+        code, expected = explain.main(base + ["--layer", "conv99"]), "unknown layer 'conv99'"
+    elif case == "box":
+        code, expected = explain.main(base + ["--box", "10,10,60,70"]), "--box needs --label"
+    elif case == "missing_checkpoint":
+        code = analyze.main(["--checkpoint", str(tmp_path / "gone.pt"), "--out", str(tmp_path / "r")])
+        expected = "checkpoint not found"
+    else:
+        code = analyze.main(["--checkpoint", ckpt, "--out", str(tmp_path / "r"), "--similar", "round=circle,oval"])
+        expected = "unknown classes ['oval']"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: ") and expected in err[-1]
+
+
+def test_tools_scripts_run_from_a_checkout(tmp_path):
+    missing = ["--checkpoint", str(tmp_path / "x.pt")]
+    runs = [subprocess.Popen([sys.executable, str(REPO / "tools" / f"{tool}.py"), *missing, *extra],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+            for tool, extra in (("analyze", []), ("explain", ["--image", str(tmp_path / "i.jpg")]))]
+    for run in runs:            # started together: two interpreter start-ups in the time of one
+        _, err = run.communicate(timeout=120)
+        assert run.returncode == 2 and err.startswith("error: "), err
+
+
+def test_report_from_detections_alone_with_a_proposal_store(voc_tree, tmp_path):
+    import numpy as np
+
+    from detect.analysis.report import ReportOptions, build_report, open_proposal_store
+    from detect.errors import DetectError
+    from proposals.store import ProposalStore
+
+    _, records, names = voc_tree
+    store = ProposalStore(tmp_path / "store", "voc-test", {"source": "ground truth, twice"})
+    store.prepare()
+    with store.writer() as writer:
+        for record in records:                 # the objects themselves, then a shifted copy: recall 1 at IoU 1
+            writer.add(record.image_id, np.concatenate([record.boxes + 3, record.boxes]).astype(np.float32))
+    store.merge()
+    rng = np.random.default_rng(0)
+    detections = {r.image_id: {"boxes": r.boxes + rng.normal(0, 2, r.boxes.shape).astype(np.float32),
+                               "scores": rng.random(len(r.labels)).astype(np.float32), "labels": r.labels}
+                  for r in records}
+    options = ReportOptions(occlusion=0, deconv_layer="", proposals=store.directory.parent, samples=2)
+    index = build_report(None, records, names, detections, tmp_path / "report", options=options,
+                         info={"source": "hand-made"}, log=lambda m: None)
+    numbers = json.loads((tmp_path / "report" / "analysis.json").read_text())
+    recall = numbers["proposal_recall"]["stored proposals"]
+    assert recall["recall@0.7"] == 1.0 and recall["recall_vs_iou"]["recall"][-1] == 1.0
+    page = index.read_text(encoding="utf-8")
+    assert all((index.parent / ref).is_file() for ref in referenced_files(page))
+    assert "Occlusion sensitivity" not in page and "Deconvnet" not in page
+    assert numbers["summary"]["mAP"] > 0.5      # jittered ground truth
+    with pytest.raises(DetectError, match="not a proposal store folder"):
+        open_proposal_store(tmp_path)

@@ -1,0 +1,241 @@
+"""tools/train.py, tools/test.py and tools/demo.py on the tiny synthetic config (a few iterations)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from detect.checkpoint import load_checkpoint, save_checkpoint
+from detect.cli import demo, eval as eval_cli, test as test_cli, train
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "faster_rcnn" / "tiny_synthetic.yaml"
+
+
+def _overrides(root: Path) -> list[str]:
+    sets = [f"data.root={root}", "data.synthetic_images=12", "train.max_iter=4", "train.checkpoint_period=2",
+            "train.eval_period=0", "train.images_per_batch=2", "train.workers=0", "train.warmup_iters=2",
+            "train.log_period=2", "model.input.min_size=[160]", "model.input.test_min_size=160"]
+    return [arg for s in sets for arg in ("--set", s)]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    if not CONFIG.is_file():
+        pytest.skip("configs/faster_rcnn/tiny_synthetic.yaml not present")
+    base = tmp_path_factory.mktemp("tools")
+    out = base / "run"
+    code = train.main(["--config", str(CONFIG), "--out", str(out), "--no-progress", *_overrides(base / "synth")])
+    assert code == 0
+    return out
+
+
+def test_train_writes_config_classes_metrics_and_checkpoints(run_dir, capsys):
+    assert (run_dir / "config.yaml").is_file()
+    assert json.loads((run_dir / "class_names.json").read_text()) == ["circle", "square", "triangle", "star", "ring"]
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iteration"] for x in lines if "loss" in x] == [2, 4]
+    assert lines[-1]["split"] == "test" and 0.0 <= lines[-1]["mAP"] <= 1.0
+    ckpt = load_checkpoint(run_dir / "model_final.pt")
+    assert ckpt["iteration"] == 4 and ckpt["config"]["train"]["max_iter"] == 4
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt")) == ["ckpt_0000002.pt", "ckpt_0000004.pt"]
+
+
+def test_resume_of_a_finished_run_and_refusal_to_mix_runs(run_dir, capsys):
+    base = run_dir.parent
+    args = ["--config", str(CONFIG), "--out", str(run_dir), "--no-progress", "--no-test", *_overrides(base / "synth")]
+    assert train.main(args) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert train.main([*args, "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "resumed from" in printed and "ckpt_0000004.pt at iteration 4" in printed
+
+
+def test_test_tool_writes_results_metrics_and_speed(run_dir, tmp_path, capsys):
+    out = tmp_path / "test"
+    assert test_cli.main(["--checkpoint", str(run_dir / "model_final.pt"), "--metric", "all", "--out", str(out),
+                          "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "mAP" in printed and "images/s" in printed and "backbone" in printed
+    report = json.loads((out / "metrics.json").read_text())
+    assert set(report["metrics"]) == {"voc07", "voc10", "coco"}
+    assert report["speed"]["images"] == report["images"] and report["speed"]["images_per_s"] > 0
+    assert set(report["speed"]["stage_seconds_per_image"]) >= {"backbone", "rpn", "roi_heads"}
+    assert len(list(out.glob("comp4_det_test_*.txt"))) == 5
+    assert isinstance(json.loads((out / "coco_results.json").read_text()), list)
+
+
+class _Oracle(torch.nn.Module):
+    """Jittered ground truth plus false positives, so the AP being compared is neither 0 nor 1."""
+
+    def __init__(self, records):
+        super().__init__()
+        self.records = iter(records)
+        self.rng = np.random.default_rng(0)
+
+    def predict(self, images, timings=None):
+        out = []
+        for _ in images:
+            record = next(self.records)
+            n = len(record.boxes)
+            boxes = record.boxes + self.rng.normal(0, 4, record.boxes.shape)
+            fake = self.rng.uniform(0, 100, (n + 1, 2))
+            boxes = np.concatenate([boxes, np.concatenate([fake, fake + 30], 1)])
+            labels = np.concatenate([record.labels, self.rng.integers(0, 5, n + 1)])
+            out.append({"boxes": torch.tensor(boxes, dtype=torch.float32),
+                        "scores": torch.tensor(self.rng.uniform(0.05, 1, 2 * n + 1), dtype=torch.float32),
+                        "labels": torch.tensor(labels, dtype=torch.int64)})
+        return out
+
+
+def test_test_tool_metrics_equal_eval_tool_on_its_files(run_dir, tmp_path, monkeypatch, capsys):
+    from detect import checkpoint
+    from detect.data.voc import VOCDataset
+
+    root = run_dir.parent / "synth"
+    records = VOCDataset(root, "test", classes=["circle", "square", "triangle", "star", "ring"]).records
+    real = checkpoint.model_from_checkpoint
+
+    def oracle(path, **kwargs):
+        _, cfg, ckpt = real(path, **kwargs)
+        return _Oracle(records), cfg, ckpt
+
+    monkeypatch.setattr(checkpoint, "model_from_checkpoint", oracle)
+    out = tmp_path / "test"
+    assert test_cli.main(["--checkpoint", str(run_dir / "model_final.pt"), "--metric", "voc07", "--out", str(out),
+                          "--no-progress"]) == 0
+    report = json.loads((out / "metrics.json").read_text())["metrics"]["voc07"]
+    assert 0.05 < report["mAP"] < 0.95
+    assert eval_cli.main(["--voc", str(root), "--split", "test", "--detections", str(out), "--metric", "voc07",
+                          "--classes", "circle,square,triangle,star,ring", "--json", str(tmp_path / "eval.json")]) == 0
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    evaluated = evaluated.get("voc07", evaluated)
+    assert evaluated["mAP"] == report["mAP"]
+    for name, ap in report["per_class"].items():
+        other = evaluated["per_class"][name]
+        assert (ap is None and (other is None or other != other)) or ap == other, name
+
+
+def test_demo_writes_an_image_and_an_entry_per_input(run_dir, tmp_path, capsys):
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    source = sorted((run_dir.parent / "synth" / "JPEGImages").glob("*.jpg"))[:3]
+    for i, path in enumerate(source):
+        (images / ("sub" if i == 2 else "") / path.name).write_bytes(path.read_bytes())
+    (images / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    out = tmp_path / "drawn"
+    assert demo.main(["--checkpoint", str(run_dir), "--images", str(images), "--out", str(out),
+                      "--score-thresh", "0.0", "--device", "cpu", "--no-progress"]) == 0
+    report = json.loads((out / "detections.json").read_text())
+    files = sorted(e["file"] for e in report["images"])
+    assert files == sorted([source[0].name, source[1].name, f"sub/{source[2].name}"])
+    assert [u["file"] for u in report["unreadable"]] == ["broken.jpg"]
+    for name in files:
+        assert (out / name).is_file()
+    rows = (out / "detections.csv").read_text().splitlines()
+    assert rows[0] == "file,class,score,x1,y1,x2,y2"
+    assert len(rows) - 1 == sum(len(e["detections"]) for e in report["images"])
+    assert "broken.jpg" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["missing_checkpoint", "unknown_key", "not_writable", "empty_folder",
+                                  "other_model", "other_classes"])
+def test_bad_input_is_one_line_naming_it(case, run_dir, tmp_path, capsys):
+    final = run_dir / "model_final.pt"
+    if case == "missing_checkpoint":
+        code = test_cli.main(["--checkpoint", str(tmp_path / "gone.pt")])
+        expected = "gone.pt"
+    elif case == "unknown_key":
+        code = train.main(["--config", str(CONFIG), "--set", "train.lrr=0.1", "--out", str(tmp_path)])
+        expected = "train.lrr"
+    elif case == "not_writable":
+        (tmp_path / "file").write_text("x")
+        code = train.main(["--config", str(CONFIG), "--out", str(tmp_path / "file" / "out")])
+        expected = "file/out"
+    elif case == "empty_folder":
+        (tmp_path / "empty").mkdir()
+        code = demo.main(["--checkpoint", str(final), "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+        expected = "empty"
+    elif case == "other_model":
+        ckpt = load_checkpoint(final)
+        model = torch.nn.Linear(2, 2)
+        save_checkpoint(tmp_path / "other.pt", model=model, config=ckpt["config"], class_names=ckpt["class_names"])
+        code = demo.main(["--checkpoint", str(tmp_path / "other.pt"), "--images", str(run_dir.parent / "synth"), "--out",
+                          str(tmp_path / "o")])
+        expected = "weights belong to another model"
+    else:
+        code = test_cli.main(["--checkpoint", str(final), "--out", str(tmp_path / "o"),
+                              "--set", "data.classes=[circle,square,triangle,ring,star]", "--no-progress"])
+        expected = "trained for classes"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0]
+
+
+def test_tools_scripts_run_from_a_checkout(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "test.py"), "--checkpoint", str(tmp_path / "x.pt")],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith("error: checkpoint not found")
+
+
+def test_alternating_training_freezes_what_each_step_says_and_resumes(tmp_path, capsys):
+    if not CONFIG.is_file():
+        pytest.skip("configs/faster_rcnn/tiny_synthetic.yaml not present")
+    out = tmp_path / "alt"
+    args = ["--config", str(CONFIG), "--out", str(out), "--no-progress", "--no-test",
+            "--set", "train.training_mode=alternating", *_overrides(tmp_path / "synth")]
+    assert train.main(args) == 0
+    weights = {k: load_checkpoint(out / f"step{k}" / "model_final.pt")["model"] for k in (1, 2, 3, 4)}
+
+    def group(k, prefix):
+        return {n: v for n, v in weights[k].items() if n.startswith(prefix) and "running" not in n
+                and "num_batches" not in n}
+
+    def same(a, b):
+        return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+    assert same(group(2, "backbone."), group(3, "backbone.")) and same(group(3, "backbone."), group(4, "backbone."))
+    assert same(group(3, "rpn."), group(4, "rpn.")) and not same(group(1, "rpn."), group(3, "rpn."))
+    assert not same(group(3, "roi_head."), group(4, "roi_head.")) and same(group(2, "roi_head."), group(3, "roi_head."))
+    final = load_checkpoint(out / "model_final.pt")
+    assert final["iteration"] == 16 and all(torch.equal(final["model"][n], weights[4][n]) for n in weights[4])
+
+    # killed during step 4 after its first checkpoint: --resume skips steps 1-3 and ends with the same weights
+    (out / "step4" / "model_final.pt").unlink()
+    (out / "step4" / "checkpoints" / "ckpt_0000004.pt").unlink()
+    capsys.readouterr()
+    assert train.main([*args, "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("already finished") == 3 and "ckpt_0000002.pt at iteration 2" in printed
+    again = load_checkpoint(out / "model_final.pt")["model"]
+    assert all(torch.equal(again[n], weights[4][n]) for n in weights[4])
+
+
+def test_torchrun_two_cpu_processes(tmp_path):
+    if not CONFIG.is_file():
+        pytest.skip("configs/faster_rcnn/tiny_synthetic.yaml not present")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.is_file():
+        pytest.skip("torchrun not installed next to this python")
+    out = tmp_path / "ddp"
+    command = [str(torchrun), "--nproc_per_node", "2", "--standalone",
+               str(REPO / "tools" / "train.py"), "--config", str(CONFIG), "--out", str(out), "--device", "cpu",
+               "--no-progress", *_overrides(tmp_path / "synth")]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 process(es) on cpu" in result.stdout and result.stdout.count("VOC07 mAP on 'test'") == 1
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["ckpt_0000002.pt", "ckpt_0000004.pt"]
+    saved = load_checkpoint(out / "checkpoints" / "ckpt_0000004.pt")
+    assert len(saved["rng"]) == 2 and saved["iteration"] == 4
+
+
+def test_speed_report_per_image_and_uncovered_time():
+    report = test_cli.speed_report({"backbone": 1.0, "rpn": 0.5, "total": 2.0, "images": 4})
+    assert report["images_per_s"] == 2.0 and report["seconds_per_image"] == 0.5
+    assert report["stage_seconds_per_image"] == {"backbone": 0.25, "rpn": 0.125, "other": 0.125}
