@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import warnings
 from pathlib import Path
 
@@ -20,17 +19,13 @@ from pycocotools.coco import COCO
 from detect.data.records import ImageRecord
 from detect.data.voc import DegenerateBoxWarning
 from detect.errors import DatasetError
+from detect.utils.io import read_json
 
 
 def load_coco_json(path: str | Path) -> dict:
     """Read and minimally validate an instances JSON; errors name the file."""
     path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"COCO annotations not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    data = read_json(path, DatasetError, "COCO annotations")
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: expected a JSON object with images, annotations and categories")
     for key in ("images", "annotations", "categories"):

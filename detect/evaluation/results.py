@@ -10,7 +10,6 @@ files gives bit-for-bit the same result as evaluating the detections in memory.
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from detect.data.records import ImageRecord
 from detect.data.voc import to_voc_pixels
 from detect.errors import ResultsFormatError
 from detect.evaluation.voc import ClassDetections
-from detect.utils.io import atomic_open, atomic_write_json
+from detect.utils.io import atomic_open, atomic_write_json, read_json
 
 
 def voc_results_path(out_dir: str | Path, split: str, class_name: str, prefix: str = "comp4") -> Path:
@@ -166,12 +165,7 @@ def write_coco_results(path: str | Path, detections: dict, image_ids: dict[str, 
 def read_coco_results(path: str | Path) -> list[dict]:
     """Load and validate a COCO results JSON (a list of detection records)."""
     path = Path(path)
-    if not path.is_file():
-        raise ResultsFormatError(f"results file not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ResultsFormatError(f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    data = read_json(path, ResultsFormatError, "results file")
     if not isinstance(data, list):
         raise ResultsFormatError(f"{path}: expected a JSON list of detections, got {type(data).__name__}")
     for i, rec in enumerate(data):
