@@ -178,6 +178,13 @@ class ProposalConfig:
     min_box_size: int = 10
     top_k: int = 2000
     seed: int = 0
+    # Diversification (Sec. 3.1-3.2); empty lists: the mode's own strategies.
+    colour_spaces: list[str] = field(default_factory=list)   # e.g. [hsv, lab, rgi, h, i, rgb]
+    ks: list[float] = field(default_factory=list)            # Felzenszwalb-Huttenlocher k thresholds
+    similarities: list[str] = field(default_factory=list)    # e.g. [CTSF, TSF, F, S]
+    sigma: float = 0.8                                       # Gaussian smoothing before segmentation
+    min_size: int = 0                                        # minimum initial region size (0: k)
+    segmenter: Literal["opencv", "skimage"] = "opencv"
 
 
 @dataclass

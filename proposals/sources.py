@@ -34,8 +34,12 @@ class ImageSource:
         return ImageSource(self.name, self.items[:count], records, self.class_names)
 
 
-def _key(*parts: str) -> str:
+def split_key(*parts: str) -> str:
+    """The store's folder name for a split, e.g. ``split_key("bccd", "test") == "bccd-test"``."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(p for p in parts if p)).strip("._") or "split"
+
+
+_key = split_key          # older name, used by detect.proposal_sources
 
 
 def voc_source(root: str | Path, split: str, *, name: str | None = None) -> ImageSource:
@@ -44,7 +48,7 @@ def voc_source(root: str | Path, split: str, *, name: str | None = None) -> Imag
 
     data = VOCDataset(root, split, classes="auto")
     items = [(r.image_id, Path(r.path)) for r in data.records]
-    return ImageSource(name or _key(Path(root).resolve().name, split), items, data.records, data.class_names)
+    return ImageSource(name or split_key(Path(root).resolve().name, split), items, data.records, data.class_names)
 
 
 def coco_source(annotations: str | Path, images: str | Path, *, name: str | None = None) -> ImageSource:
@@ -53,7 +57,7 @@ def coco_source(annotations: str | Path, images: str | Path, *, name: str | None
 
     data = COCODataset(annotations, images)
     items = [(r.image_id, Path(r.path)) for r in data.records]
-    return ImageSource(name or _key(Path(annotations).stem), items, data.records, data.class_names)
+    return ImageSource(name or split_key(Path(annotations).stem), items, data.records, data.class_names)
 
 
 def folder_source(folder: str | Path, *, name: str | None = None) -> ImageSource:
@@ -67,4 +71,4 @@ def folder_source(folder: str | Path, *, name: str | None = None) -> ImageSource
         seen: set[str] = set()
         clash = next(i for i in ids if i in seen or seen.add(i))
         raise DatasetError(f"{folder}: two images share the id '{clash}' (same name, different extension)")
-    return ImageSource(name or _key(folder.resolve().name), list(zip(ids, paths)))
+    return ImageSource(name or split_key(folder.resolve().name), list(zip(ids, paths)))
