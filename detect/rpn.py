@@ -210,8 +210,29 @@ class RegionProposalNetwork(nn.Module):
         proposals, proposal_scores = [], []
         for img_boxes, img_scores, img_keep in zip(boxes, scores, keep_size):
             img_boxes, img_scores = img_boxes[img_keep], img_scores[img_keep]
-            keep = nms(img_boxes, img_scores, self.nms_thresh)[:post_n]
+            keep = top_nms(img_boxes, img_scores, self.nms_thresh, post_n)
             proposals.append(img_boxes[keep])
             proposal_scores.append(img_scores[keep])
         return proposals, proposal_scores
+
+
+def top_nms(boxes: Tensor, scores: Tensor, iou_thresh: float, top_n: int) -> Tensor:
+    """``nms(boxes, scores, iou_thresh)[:top_n]``, usually at a fraction of the cost.
+
+    Greedy NMS decides box i from the boxes scoring above it only, so the first
+    ``top_n`` survivors among the best ``m`` boxes are the first ``top_n`` survivors
+    of all of them. NMS on the best ``3 * top_n`` boxes is tried first (its cost grows
+    with boxes x survivors); only when fewer than ``top_n`` survive does it run on all.
+    (Boxes whose scores tie exactly across the cut may come out in another order.)
+
+    Args:
+        boxes: (P, 4) boxes sorted by descending score.
+        scores: (P,) scores, sorted.
+    """
+    head = 3 * top_n
+    if boxes.shape[0] > head:
+        keep = nms(boxes[:head], scores[:head], iou_thresh)
+        if keep.numel() >= top_n:
+            return keep[:top_n]
+    return nms(boxes, scores, iou_thresh)[:top_n]
 

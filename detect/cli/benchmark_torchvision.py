@@ -1,0 +1,291 @@
+"""This toolkit's Faster R-CNN against ``torchvision.models.detection.FasterRCNN`` configured alike.
+
+    python tools/benchmark_torchvision.py [--setting tiny|resnet50_c4] [--mode speed|accuracy] [--device cpu|cuda]
+
+Both detectors get the same trunk and per-RoI layers (our modules, copied, so the
+random initial weights are identical), the same RPN and predictor weights, image
+sizes, anchors, proposal counts, sampling sizes, thresholds and RoI pooling op.
+What differs is everything around the layers: input transform, anchors, proposal
+layer, target assignment, sampling, post-processing, and our inference
+preparation (:meth:`detect.faster_rcnn.FasterRCNN.prepare_for_inference`).
+
+``--mode speed`` measures inference images/s (one image per call), training
+images/s (loss + backward + SGD step) and peak memory. Every measurement runs in
+a fresh subprocess so peak RSS belongs to it alone (Linux: the high-water mark is
+reset just before the timed part; CUDA: ``torch.cuda.max_memory_allocated``); the
+two detectors alternate, ``--repeats`` times, and the best time of each counts, so
+a burst of load on a shared machine hurts neither side alone.
+
+``--mode accuracy`` trains both from scratch on the same batches with the same SGD
+schedule (the engine's optimizer and LR schedule) on a small VOC-format dataset
+(``../shared/data/bccd`` or ``raccoon`` next to the checkout) and reports VOC07 mAP
+on its test split.
+
+The markdown table (ratios ours / torchvision) is printed and written to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO.parent / "shared" / "data"
+
+# Shared settings: the config file and the overrides that make both detectors comparable.
+# torchvision keeps every anchor (no border rule), drops proposals under 1e-3 px, centres
+# anchors on x * stride, and samples background RoIs from IoU [0, 0.5): ours is set alike.
+_COMMON = ["model.rpn.allowed_border=-1", "model.rpn.min_size=0.001", "model.anchors.offset=0.0",
+           "model.roi_heads.bg_iou_thresh_lo=0.0", "model.backbone.weights=none"]
+SETTINGS = {
+    "tiny": dict(config=REPO / "configs" / "faster_rcnn" / "tiny_synthetic.yaml", overrides=[], size=256),
+    # ResNet-50 C4 (conv1-conv4 trunk, conv5 per RoI on 14x14 RoIAlign), at CPU-friendly sizes and counts.
+    "resnet50_c4": dict(config=REPO / "configs" / "faster_rcnn" / "resnet50_voc0712.yaml", size=400, overrides=[
+        "model.num_classes=5", "model.roi_heads.pooler=roi_align", "model.roi_heads.aligned=false",
+        "model.rpn.pre_nms_top_n_train=2000", "model.rpn.post_nms_top_n_train=256",
+        "model.rpn.pre_nms_top_n_test=1000", "model.rpn.post_nms_top_n_test=50",
+        "model.roi_heads.batch_size_per_image=32"]),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="benchmark-torchvision", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=("speed", "accuracy"), default="speed")
+    parser.add_argument("--setting", action="append", choices=sorted(SETTINGS), default=None,
+                        help="trunk and sizes (repeatable; default: tiny)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra config override applied to both detectors")
+    parser.add_argument("--size", type=int, default=0, help="shorter image side (default: the setting's)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--images", type=int, default=8, help="distinct images measured")
+    parser.add_argument("--passes", type=int, default=2, help="speed: timed passes over the images")
+    parser.add_argument("--batch", type=int, default=2, help="speed: training images per iteration")
+    parser.add_argument("--repeats", type=int, default=2, help="speed: measurements per detector (best counts)")
+    parser.add_argument("--datasets", default="bccd,raccoon", help="accuracy: dataset names under ../shared/data")
+    parser.add_argument("--max-iter", type=int, default=3000, help="accuracy: SGD iterations per detector")
+    parser.add_argument("--out", type=Path, default=Path("runs") / "benchmark_torchvision.md")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- the two detectors
+
+
+def build_pair(setting: str, num_classes: int, extra: list[str] = (), size: int = 0, seed: int = 0):
+    """Our detector, torchvision's twin with copied weights, and the config."""
+    import torch
+
+    from detect import build_model, load_config
+    from detect.cli.torchvision_twin import torchvision_twin
+
+    spec = SETTINGS[setting]
+    side = size or spec["size"]
+    overrides = [*_COMMON, *spec["overrides"], f"model.input.min_size=[{side}]",
+                 f"model.input.test_min_size={side}", f"model.input.max_size={int(side * 5 / 3)}",
+                 f"model.num_classes={num_classes}", *extra]
+    cfg = load_config(spec["config"], overrides)
+    torch.manual_seed(seed)
+    ours = build_model(cfg, class_names=[f"class_{i}" for i in range(num_classes)])
+    return ours, torchvision_twin(ours, cfg), cfg
+
+
+def _images(root: Path, count: int):
+    from detect.data.loader import image_to_tensor
+    from detect.data.image import read_image
+    from detect.data.synthetic import SYNTHETIC_CLASSES
+    from detect.data.voc import VOCDataset
+
+    import torch
+
+    records = VOCDataset(root, "trainval", classes=list(SYNTHETIC_CLASSES)).records
+    records = [r for r in records if len(r.boxes)][:count]
+    images = [image_to_tensor(read_image(r.path)) for r in records]
+    targets = [{"boxes": torch.from_numpy(r.boxes), "labels": torch.from_numpy(r.labels)} for r in records]
+    return images, targets
+
+
+def _reset_peak() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")   # Linux: resets VmHWM (peak RSS)
+    except OSError:
+        pass
+
+
+def _peak_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(spec: dict) -> dict:
+    """One timed measurement: ``spec`` names the detector ("ours"/"torchvision") and phase ("inference"/"train")."""
+    import torch
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    ours, theirs, _ = build_pair(spec["setting"], 5, spec["overrides"], spec["size"])
+    model = (ours if spec["model"] == "ours" else theirs).to(device)
+    del ours, theirs
+    images, targets = _images(Path(spec["root"]), spec["images"])
+    images = [im.to(device) for im in images]
+    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.manual_seed(0)
+    if spec["phase"] == "inference":
+        model.eval()
+        if spec["model"] == "ours":
+            model.prepare_for_inference()
+            run = lambda im: model.predict([im])                    # noqa: E731
+        else:
+            def run(im):
+                with torch.inference_mode():
+                    return model([im])
+        work = [lambda im=im: run(im) for im in images]
+        count = len(images)
+    else:
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+        loss = (lambda i, t: model.loss(i, t)) if spec["model"] == "ours" else (lambda i, t: model(i, t))
+        b = spec["batch"]
+
+        def step(k):
+            pick = [(k * b + j) % len(images) for j in range(b)]
+            total = sum(loss([images[i] for i in pick], [targets[i] for i in pick]).values())
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+        steps = max(1, len(images) // b)
+        work = [lambda k=k: step(k) for k in range(steps)]
+        count = steps * b
+    for job in work[:2]:          # warm-up: allocator, oneDNN kernels, anchor caches
+        job()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _reset_peak()
+    start, cpu = time.perf_counter(), time.process_time()
+    for _ in range(spec["passes"]):
+        for job in work:
+            job()
+    sync()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _peak_mb()
+    return {"images_per_s": spec["passes"] * count / seconds, "cpu_s": time.process_time() - cpu, "peak_mb": peak}
+
+
+def _run_worker(spec: dict) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "detect.cli.benchmark_torchvision", "--worker", json.dumps(spec)],
+                          capture_output=True, text=True, env=env, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark worker {spec['model']}/{spec['phase']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def speed(args: argparse.Namespace, setting: str, root: Path) -> list[list[str]]:
+    rows = []
+    for phase in ("inference", "train"):
+        best: dict[str, dict] = {}
+        for _ in range(args.repeats):
+            for model in ("ours", "torchvision"):
+                spec = dict(setting=setting, model=model, phase=phase, root=str(root), images=args.images,
+                            passes=args.passes, batch=args.batch, device=args.device, threads=args.threads,
+                            overrides=args.overrides, size=args.size)
+                result = _run_worker(spec)
+                if model not in best or result["images_per_s"] > best[model]["images_per_s"]:
+                    best[model] = result
+                print(f"  {setting} {phase:9s} {model:11s} {result['images_per_s']:7.2f} images/s "
+                      f"(cpu {result['cpu_s']:.1f} s), peak {result['peak_mb']:.0f} MB", flush=True)
+        o, t = best["ours"], best["torchvision"]
+        what = "inference" if phase == "inference" else f"training (batch {args.batch})"
+        rows.append([setting, f"{what} images/s", f"{o['images_per_s']:.2f}", f"{t['images_per_s']:.2f}",
+                     f"{o['images_per_s'] / t['images_per_s']:.2f}x"])
+        mem = "GPU memory allocated" if args.device == "cuda" else "RSS"
+        rows.append([setting, f"{what} peak {mem} MB", f"{o['peak_mb']:.0f}", f"{t['peak_mb']:.0f}",
+                     f"{o['peak_mb'] / t['peak_mb']:.2f}x"])
+    return rows
+
+
+def accuracy(args: argparse.Namespace, setting: str) -> list[list[str]]:
+    from detect.cli.torchvision_twin import train_and_test_pair
+
+    rows = []
+    for name in [d for d in args.datasets.split(",") if d]:
+        root = DATA / name
+        if not (root / "Annotations").is_dir():
+            print(f"  {name}: {root} is missing, skipped")
+            continue
+        result = train_and_test_pair(setting, root, args)
+        rows.append([f"{setting} on {name}", f"VOC07 mAP (test, {result['iterations']} iterations)",
+                     f"{result['ours']:.4f}", f"{result['torchvision']:.4f}",
+                     f"{result['ours'] / max(result['torchvision'], 1e-9):.2f}x"])
+        rows.append([f"{setting} on {name}", "training minutes", f"{result['ours_minutes']:.1f}",
+                     f"{result['torchvision_minutes']:.1f}",
+                     f"{result['ours_minutes'] / max(result['torchvision_minutes'], 1e-9):.2f}x"])
+    return rows
+
+
+def table(rows: list[list[str]], header: str) -> str:
+    lines = [header, "", "| setting | measure | ours | torchvision | ours / torchvision |", "|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> str:
+    import torch
+
+    from detect.data.synthetic import generate_synthetic
+    from detect.utils.io import atomic_write_text
+
+    settings = args.setting or ["tiny"]
+    rows: list[list[str]] = []
+    threads = args.threads or torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.mode == "speed":
+            root = generate_synthetic(Path(tmp) / "images", num_images=max(3, 2 * args.images), seed=0,
+                                      empty_fraction=0.0)
+            for setting in settings:
+                rows += speed(args, setting, root)
+        else:
+            for setting in settings:
+                rows += accuracy(args, setting)
+    device = args.device if args.device == "cpu" else torch.cuda.get_device_name()
+    header = (f"Faster R-CNN, this toolkit vs torchvision {__import__('torchvision').__version__} "
+              f"(torch {torch.__version__}, {device}, {threads} threads, load {os.getloadavg()[0]:.1f}, "
+              f"mode {args.mode})")
+    text = table(rows, header)
+    print("\n" + text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out, text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    from detect.cli.common import run_cli
+
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(measure(json.loads(args.worker))))
+        return 0
+    return run_cli(lambda: (run(args), 0)[1])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,146 @@
+"""torchvision's ``FasterRCNN`` built to match one of ours, for :mod:`detect.cli.benchmark_torchvision`.
+
+The twin shares nothing with our model at run time: trunk and per-RoI layers are
+deep copies of ours (so the initial weights are identical), the RPN head and the
+predictor receive copies of our weights, and every count and threshold comes from
+the same config. torchvision's RPN head has one width (its input's), so
+``model.rpn.channels`` must equal the trunk's output channels.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import FasterRCNN as TVFasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor as TVPredictor
+from torchvision.models.detection.rpn import RPNHead as TVRPNHead
+from torchvision.ops import MultiScaleRoIAlign, RoIAlign
+
+from detect.config import Config
+from detect.errors import ConfigError
+
+
+class _Trunk(nn.Module):
+    """torchvision's backbone interface (an ``out_channels`` attribute) around a copy of our trunk."""
+
+    def __init__(self, trunk: nn.Module, out_channels: int) -> None:
+        super().__init__()
+        self.body = copy.deepcopy(trunk)
+        self.out_channels = out_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
+class _PoolAdapter(nn.Module):
+    """torchvision's ``MultiScaleRoIAlign`` call signature around a single-level pooler (RoIPool)."""
+
+    def __init__(self, pooler: nn.Module) -> None:
+        super().__init__()
+        self.pooler = copy.deepcopy(pooler)
+
+    def forward(self, features: dict[str, Tensor], proposals: list[Tensor], image_shapes) -> Tensor:
+        return self.pooler(features["0"], proposals)
+
+
+def torchvision_twin(ours: nn.Module, cfg: Config) -> TVFasterRCNN:
+    """torchvision's Faster R-CNN with our trunk, anchors, counts, thresholds, pooling and weights."""
+    m = cfg.model
+    backbone = ours.backbone
+    if m.rpn.channels != backbone.out_channels:
+        raise ConfigError(f"torchvision's RPN head is as wide as the trunk ({backbone.out_channels}); "
+                          f"set model.rpn.channels={backbone.out_channels}")
+    anchors = TVAnchorGenerator(sizes=(tuple(m.anchors.sizes),), aspect_ratios=(tuple(m.anchors.ratios),))
+    rpn_head = TVRPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0])
+    rpn_head.conv[0][0].load_state_dict(ours.rpn.head.conv.state_dict())
+    rpn_head.cls_logits.load_state_dict(ours.rpn.head.cls_logits.state_dict())
+    rpn_head.bbox_pred.load_state_dict(ours.rpn.head.bbox_pred.state_dict())
+    predictor = TVPredictor(backbone.head_channels, ours.num_classes + 1)
+    predictor.load_state_dict(ours.roi_head.predictor.state_dict())
+    pooler = ours.roi_head.pooler
+    size = pooler.output_size[0] if isinstance(pooler.output_size, tuple) else pooler.output_size
+    native = isinstance(pooler, RoIAlign) and not pooler.aligned
+    r, h, i = m.rpn, m.roi_heads, m.input
+    twin = TVFasterRCNN(
+        _Trunk(backbone.trunk, backbone.out_channels), num_classes=None,
+        min_size=i.min_size[0], max_size=i.max_size, image_mean=list(backbone.pixel_mean),
+        image_std=list(backbone.pixel_std), size_divisible=i.size_divisibility,
+        rpn_anchor_generator=anchors, rpn_head=rpn_head,
+        rpn_pre_nms_top_n_train=r.pre_nms_top_n_train, rpn_pre_nms_top_n_test=r.pre_nms_top_n_test,
+        rpn_post_nms_top_n_train=r.post_nms_top_n_train, rpn_post_nms_top_n_test=r.post_nms_top_n_test,
+        rpn_nms_thresh=r.nms_thresh, rpn_fg_iou_thresh=r.fg_iou_thresh, rpn_bg_iou_thresh=r.bg_iou_thresh,
+        rpn_batch_size_per_image=r.batch_size_per_image, rpn_positive_fraction=r.positive_fraction,
+        box_roi_pool=MultiScaleRoIAlign(["0"], size, sampling_ratio=getattr(pooler, "sampling_ratio", 2)),
+        box_head=copy.deepcopy(ours.roi_head.box_head), box_predictor=predictor,
+        box_score_thresh=h.score_thresh, box_nms_thresh=h.nms_thresh, box_detections_per_img=h.detections_per_img,
+        box_fg_iou_thresh=h.fg_iou_thresh, box_bg_iou_thresh=h.bg_iou_thresh_hi,
+        box_batch_size_per_image=h.batch_size_per_image, box_positive_fraction=h.positive_fraction,
+        bbox_reg_weights=tuple(h.box_weights))
+    if not native:       # RoIPool, or half-pixel RoIAlign: the very op ours uses
+        twin.roi_heads.box_roi_pool = _PoolAdapter(pooler)
+    return twin
+
+
+class TorchvisionAdapter(nn.Module):
+    """Our ``loss`` / ``predict`` interface on a torchvision detector (labels 0-based, no background)."""
+
+    def __init__(self, model: TVFasterRCNN, class_names: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.class_names = list(class_names)
+
+    def loss(self, images: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
+        return self.model(images, [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets])
+
+    @torch.inference_mode()
+    def predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        was_training = self.training
+        self.eval()
+        try:
+            out = self.model(images)
+        finally:
+            self.train(was_training)
+        return [{"boxes": o["boxes"], "scores": o["scores"], "labels": o["labels"] - 1} for o in out]
+
+
+def train_and_test_pair(setting: str, root: Path, args) -> dict:
+    """Train ours and the twin from the same initial weights on the same batches; VOC07 mAP on the test split.
+
+    Both run the engine's loop (:func:`detect.engine.fit`: SGD, warm-up, schedule, same
+    seeded batch order and flips), so only the detectors differ.
+    """
+    from detect.cli.benchmark_torchvision import build_pair
+    from detect.data.loader import build_dataset
+    from detect.engine import evaluate_split, fit
+
+    data = [f"data.format=voc", f"data.root={root}", "data.classes=auto", "data.train_split=trainval",
+            "data.test_split=test", "train.eval_period=0", f"train.max_iter={args.max_iter}",
+            f"train.steps=[{int(args.max_iter * 0.75)}]", "train.checkpoint_period=0", "train.workers=0",
+            *args.overrides]
+    from detect import load_config
+
+    from detect.cli.benchmark_torchvision import SETTINGS
+
+    probe = load_config(SETTINGS[setting]["config"], data)
+    train_set = build_dataset(probe, "trainval", train=True)
+    test_set = build_dataset(probe, "test")
+    names = train_set.class_names
+    result = {"iterations": args.max_iter}
+    ours, theirs, cfg = build_pair(setting, len(names), data, args.size)
+    twin = TorchvisionAdapter(theirs, names)
+    device = torch.device(args.device)
+    for key, model in (("ours", ours), ("torchvision", twin)):
+        start = time.perf_counter()
+        with_dir = Path(args.out).with_suffix("") / f"{root.name}_{key}"
+        fit(model, train_set, cfg, out_dir=with_dir, device=device, progress=False, log=lambda *_: None)
+        result[f"{key}_minutes"] = (time.perf_counter() - start) / 60
+        metrics, _ = evaluate_split(model, test_set, device=device, metric="voc07", log=lambda *_: None)
+        result[key] = metrics["mAP"]
+        print(f"  {setting} on {root.name}: {key} VOC07 mAP {metrics['mAP']:.4f} "
+              f"({result[f'{key}_minutes']:.1f} min)", flush=True)
+    return result

@@ -1,0 +1,37 @@
+"""tools/benchmark_torchvision.py: both detectors build alike, a measurement runs, the table prints."""
+
+import torch
+
+from detect.cli import benchmark_torchvision as bench
+from detect.data.synthetic import generate_synthetic
+
+
+def test_twin_copies_weights_and_settings():
+    ours, theirs, cfg = bench.build_pair("tiny", 3, ["model.input.min_size=[96]", "model.input.max_size=160"])
+    assert theirs.rpn.head.cls_logits.weight.shape == ours.rpn.head.cls_logits.weight.shape
+    assert torch.equal(theirs.roi_heads.box_predictor.bbox_pred.weight, ours.roi_head.predictor.bbox_pred.weight)
+    assert torch.equal(theirs.backbone.body[0][0].weight, ours.backbone.trunk[0][0].weight)
+    assert theirs.roi_heads.fg_bg_sampler.batch_size_per_image == cfg.model.roi_heads.batch_size_per_image
+    assert theirs.rpn._post_nms_top_n["testing"] == cfg.model.rpn.post_nms_top_n_test
+    # same weights, same image: the same objectness map, so the same best proposal
+    image = [torch.rand(3, 90, 120, generator=torch.Generator().manual_seed(0))]
+    ours.eval()
+    theirs.eval()
+    with torch.inference_mode():
+        batch, _ = ours.transform(image)
+        features = ours.backbone(batch.tensor)
+        assert torch.allclose(features, theirs.backbone(batch.tensor), atol=1e-5)
+
+
+def test_speed_measurement_and_table(tmp_path):
+    root = generate_synthetic(tmp_path / "syn", num_images=3, seed=0, empty_fraction=0.0)
+    rows = []
+    for model in ("ours", "torchvision"):
+        for phase in ("inference", "train"):
+            spec = dict(setting="tiny", model=model, phase=phase, root=str(root), images=2, passes=1, batch=2,
+                        device="cpu", threads=1, overrides=["model.input.max_size=160"], size=96)
+            result = bench.measure(spec)
+            assert result["images_per_s"] > 0 and result["peak_mb"] > 10
+            rows.append(["tiny", f"{model} {phase}", f"{result['images_per_s']:.2f}", "1", "1x"])
+    text = bench.table(rows, "header")
+    assert text.count("\n| tiny |") == 4 and "ours / torchvision" in text
