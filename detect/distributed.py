@@ -77,6 +77,7 @@ def init_from_env(device: str = "auto", *, timeout_s: int = 1800) -> DistInfo:
 
 def cleanup() -> None:
     if is_distributed():
+        dist.barrier()   # tearing gloo down while a peer still talks to it aborts that peer
         dist.destroy_process_group()
 
 

@@ -102,7 +102,7 @@ class TrainState:
 
 def _to_device(batch: Batch, device: torch.device) -> tuple[list[torch.Tensor], list[dict]]:
     images = [img.to(device, non_blocking=True) for img in batch.images]
-    targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in batch.targets]
+    targets = [{**t, "boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in batch.targets]
     return images, targets
 
 
@@ -179,9 +179,9 @@ def _non_finite(state: TrainState, cfg: TrainConfig, losses: dict, batch: Batch,
 # --------------------------------------------------------------------------- evaluation
 
 
-def _accepts_timings(model: nn.Module) -> bool:
+def _predict_accepts(model: nn.Module, keyword: str) -> bool:
     try:
-        return "timings" in inspect.signature(model.predict).parameters
+        return keyword in inspect.signature(model.predict).parameters
     except (TypeError, ValueError):
         return False
 
@@ -199,7 +199,8 @@ def evaluate(model: nn.Module, loader, *, device: torch.device, timings: dict | 
     was_training = model.training
     model.eval()
     detections: dict = {}
-    kwargs_ok = timings is not None and _accepts_timings(model)
+    kwargs_ok = timings is not None and _predict_accepts(model, "timings")
+    ids_ok = _predict_accepts(model, "image_ids")
     # Evaluation must not move the training RNG, or a resumed run would diverge from an uninterrupted one.
     cuda_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
@@ -215,7 +216,10 @@ def evaluate(model: nn.Module, loader, *, device: torch.device, timings: dict | 
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
-            outputs = model.predict(images, timings=timings) if kwargs_ok else model.predict(images)
+            kwargs = {"timings": timings} if kwargs_ok else {}
+            if ids_ok:   # stored-proposal pipelines find each image's boxes by id
+                kwargs["image_ids"] = [t["image_id"] for t in batch.targets]
+            outputs = model.predict(images, **kwargs)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if timings is not None:

@@ -39,7 +39,6 @@ def split_key(*parts: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(p for p in parts if p)).strip("._") or "split"
 
 
-_key = split_key          # older name, used by detect.proposal_sources
 
 
 def voc_source(root: str | Path, split: str, *, name: str | None = None) -> ImageSource:

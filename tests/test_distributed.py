@@ -30,6 +30,7 @@ def _worker(rank: int, world: int, init_file: str, records, out_dir: str, result
                     "rank": distributed.get_rank(), "world": distributed.get_world_size()},
                    f"{result_dir}/rank{rank}.pt")
     finally:
+        dist.barrier()   # no rank tears gloo down while the other still talks to it (std::terminate otherwise)
         dist.destroy_process_group()
 
 

@@ -119,6 +119,20 @@ def run(args: argparse.Namespace) -> dict:
         atomic_write_json(out / "class_names.json", train_set.class_names)
         log(f"training on {len(train_set)} images of '{cfg.data.train_split}' ({len(train_set.class_names)} classes), "
             f"{info.world_size} process(es) on {info.device}, output in {out}")
+    pipeline = cfg.model.pipeline
+    section = {"fast_rcnn": cfg.fast_rcnn, "rcnn": cfg.rcnn}.get(pipeline)
+    if section is not None and section.proposal_source == "stored":
+        # Fast R-CNN and R-CNN read selective-search boxes from the store: fill it first (resumable).
+        from detect.proposal_sources import ensure_stored_proposals
+
+        splits = [cfg.data.train_split] + ([] if args.no_test else [cfg.test.split or cfg.data.test_split])
+        if distributed.is_main():
+            for split in dict.fromkeys(splits):
+                log(f"selective-search proposals for '{split}' (computed once, then read from {cfg.proposals.store or 'the store'})")
+                ensure_stored_proposals(cfg, split, workers=max(cfg.train.workers, 1), progress=not args.no_progress, log=log)
+        distributed.barrier()
+    if pipeline == "rcnn" and distributed.is_main():
+        log("R-CNN: tools/train.py runs stage 1 (fine-tuning); tools/train_rcnn.py runs stages 2-4 (features, SVMs, box regression)")
     if alternating:
         from detect.alternating import fit_alternating
 

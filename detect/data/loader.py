@@ -100,7 +100,9 @@ class DetectionDataset(Dataset):
             from detect.transforms import hflip
 
             image, boxes = hflip(image, boxes)
-        target = {"boxes": boxes, "labels": torch.from_numpy(record.labels.copy()), "image_id": record.image_id}
+        # image_id and flipped let a model look up this image's stored proposals (Fast R-CNN, R-CNN).
+        target = {"boxes": boxes, "labels": torch.from_numpy(record.labels.copy()), "image_id": record.image_id,
+                  "flipped": bool(flip)}
         return image, target
 
     def aspect_ratios(self) -> list[float]:

@@ -1,0 +1,152 @@
+"""Fast R-CNN: stored proposals by image id (flipped, missing, computed), multi-scale testing, configs, SVD round trip,
+the compress and ladder tools."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from detect import build_model, load_config
+from detect.errors import DetectError
+from detect.fast_rcnn import FastRCNN
+from detect.proposal_sources import open_store
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TINY = CONFIGS / "fast_rcnn" / "tiny_synthetic.yaml"
+SMALL = ["model.backbone.weights=none", "model.input.min_size=[96]", "model.input.max_size=160",
+         "model.input.test_min_size=96", "model.roi_heads.batch_size_per_image=8", "rcnn.crop_size=64",
+         "rcnn.context_padding=4", "rcnn.window_batch=8"]
+
+
+@pytest.fixture
+def stored(tmp_path):
+    """A config whose proposal store holds two images' boxes (no selective search needed)."""
+    root = tmp_path / "voc"
+    cfg = load_config(TINY, [f"proposals.store={tmp_path / 'store'}", "data.format=voc", f"data.root={root}",
+                             "model.input.min_size=[96]", "model.input.test_min_size=96"])
+    store = open_store(cfg, cfg.data.train_split)
+    store.prepare()
+    with store.writer() as writer:
+        writer.add("a", np.array([[10, 10, 50, 40], [0, 0, 30, 30], [5, 20, 70, 60]], np.float32))
+        writer.add("b", np.array([[20, 5, 60, 45]], np.float32))
+    return cfg
+
+
+def batch():
+    images = [torch.rand(3, 60, 80), torch.rand(3, 70, 90)]
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 50.0, 40.0]]), "labels": torch.tensor([1]), "image_id": "a"},
+               {"boxes": torch.tensor([[20.0, 5.0, 60.0, 45.0]]), "labels": torch.tensor([0]), "image_id": "b"}]
+    return images, targets
+
+
+def test_loss_reads_stored_proposals_and_mirrors_them_for_flipped_images(stored):
+    torch.manual_seed(0)
+    model = build_model(stored, class_names=["x", "y"])
+    assert isinstance(model, FastRCNN) and not hasattr(model, "rpn")
+    images, targets = batch()
+    losses = model.loss(images, targets)
+    assert set(losses) == {"loss_cls", "loss_box"} and math.isfinite(sum(losses.values()).item())
+    assert losses["loss_cls"].item() == pytest.approx(math.log(3), abs=0.15)
+    sum(losses.values()).backward()
+    assert model.roi_head.predictor.cls_score.weight.grad.abs().sum() > 0
+    boxes = model.proposals(images, ["a", "b"], flipped=[True, False])
+    assert boxes[0][0].tolist() == [30.0, 10.0, 70.0, 40.0]        # x -> 80 - x
+    assert boxes[1].tolist() == [[20.0, 5.0, 60.0, 45.0]]
+
+
+def test_missing_image_is_a_clear_error_or_computed_when_asked(stored):
+    model = build_model(stored, class_names=["x", "y"])
+    images, _ = batch()
+    with pytest.raises(DetectError, match=r"no stored proposals for image 'zzz' in .*store.*compute_missing"):
+        model.predict(images[:1], image_ids=["zzz"])
+    model.proposals.compute_missing = True
+    det = model.predict(images[:1], image_ids=["zzz"])[0]            # selective search on the fly
+    assert det["boxes"].shape[1] == 4
+    timings = {}
+    model.predict(images, image_ids=["a", "b"], timings=timings)
+    assert set(timings) == {"proposals", "features", "heads"}
+
+
+def test_without_ids_boxes_are_computed_once_per_image(stored):
+    model = build_model(stored, class_names=["x", "y"])
+    source = model.proposals.compute
+    image = torch.rand(3, 64, 64)
+    first = model.proposals([image])[0]
+    assert len(source._memo) == 1
+    again = model.proposals([image.clone()])[0]                       # same pixels: remembered, not recomputed
+    assert torch.equal(first, again) and len(source._memo) == 1
+
+
+def test_multiscale_testing_gives_detections_in_input_pixels(stored):
+    cfg = load_config(TINY, [f"proposals.store={stored.proposals.store}", "data.format=voc",
+                             f"data.root={stored.data.root}", "fast_rcnn.test_scales=[64,128]",
+                             "model.roi_heads.score_thresh=0.0"])
+    torch.manual_seed(0)
+    model = build_model(cfg, class_names=["x", "y"])
+    assert [t.test_min_size for t in model.test_transforms] == [64, 128]
+    images, _ = batch()
+    dets = model.predict(images, image_ids=["a", "b"])
+    assert len(dets) == 2 and len(dets[0]["boxes"]) > 0
+    assert dets[0]["boxes"][:, 2].max() <= 80 + 1e-3 and dets[0]["boxes"][:, 3].max() <= 60 + 1e-3
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "fast_rcnn").glob("*.yaml")) + sorted((CONFIGS / "rcnn").glob("*.yaml")),
+                         ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_config_builds_and_takes_a_step(path, tmp_path):
+    cfg = load_config(path, SMALL + [f"proposals.store={tmp_path}", "fast_rcnn.proposal_source=ground_truth",
+                                     "rcnn.proposal_source=ground_truth"])
+    assert cfg.model.pipeline == path.parent.name
+    torch.manual_seed(0)
+    model = build_model(cfg, class_names=["x", "y"])
+    images, targets = batch()
+    losses = model.loss(images, targets)
+    assert all(math.isfinite(v.item()) for v in losses.values())
+    sum(losses.values()).backward()
+
+
+def test_paper_values_in_the_recipes():
+    vgg = load_config(CONFIGS / "fast_rcnn" / "vgg16_voc07.yaml")
+    assert vgg.train.images_per_batch == 2 and vgg.model.roi_heads.batch_size_per_image == 64
+    assert vgg.model.roi_heads.positive_fraction == 0.25 and vgg.model.roi_heads.bg_iou_thresh_lo == 0.1
+    rcnn = load_config(CONFIGS / "rcnn" / "alexnet_voc07.yaml")
+    assert (rcnn.rcnn.crop_size, rcnn.rcnn.context_padding, rcnn.rcnn.finetune_batch) == (227, 16, 128)
+    s = rcnn.rcnn.svm
+    assert (s.C, s.pos_weight, s.bias_multiplier, s.hard_thresh, s.easy_thresh) == (0.001, 2.0, 10.0, -1.0001, -1.2)
+    assert rcnn.rcnn.bbox_reg.alpha == 1000.0 and rcnn.rcnn.nms_thresh == 0.3
+
+
+def test_compress_and_ladder_tools_on_tiny_checkpoints(tmp_path, capsys):
+    from detect.checkpoint import model_from_checkpoint, save_checkpoint
+    from detect.cli import benchmark, compress
+    from detect.config import config_to_dict
+    from detect.data.synthetic import SYNTHETIC_CLASSES, generate_synthetic
+
+    root = generate_synthetic(tmp_path / "syn", num_images=4, seed=1, empty_fraction=0.0)
+    names = list(SYNTHETIC_CLASSES)
+    common = ["data.format=voc", f"data.root={root}", f"proposals.store={tmp_path / 'store'}", "proposals.mode=single",
+              "model.input.min_size=[96]", "model.input.test_min_size=96", "rcnn.crop_size=32", "rcnn.context_padding=2",
+              "fast_rcnn.compute_missing=true"]
+    paths = {}
+    for key, cfg_path in (("fast", TINY), ("rcnn", CONFIGS / "rcnn" / "tiny_synthetic.yaml"),
+                          ("faster", CONFIGS / "faster_rcnn" / "tiny_synthetic.yaml")):
+        cfg = load_config(cfg_path, common)
+        torch.manual_seed(0)
+        paths[key] = save_checkpoint(tmp_path / f"{key}.pt", model=build_model(cfg, class_names=names),
+                                     config=config_to_dict(cfg), class_names=names)
+    out = tmp_path / "small.pt"
+    assert compress.main(["--checkpoint", str(paths["fast"]), "--rank-fc6", "16", "--rank-fc7", "0",
+                          "--out", str(out), "--limit", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "fc6: 256x1568 -> rank 16" in printed and "| SVD 16/0 |" in printed
+    small, cfg, _ = model_from_checkpoint(out)
+    assert cfg.fast_rcnn.svd_rank_fc6 == 16 and small.roi_head.box_head[2][0].weight.shape == (16, 1568)
+    assert compress.main(["--checkpoint", str(paths["rcnn"]), "--no-eval"]) == 2      # one-line error, exit 2
+    table = tmp_path / "ladder.md"
+    assert benchmark.main(["ladder", "--rcnn", str(paths["rcnn"]), "--fast", str(paths["fast"]),
+                           "--faster", str(paths["faster"]), "--limit", "2", "--out", str(table)]) == 0
+    text = table.read_text()
+    for label in ("| R-CNN |", "| Fast R-CNN |", "| Faster R-CNN |", "Fast R-CNN vs R-CNN", "Faster R-CNN vs Fast"):
+        assert label in text
+    assert benchmark.main(["ladder", "--fast", str(paths["rcnn"])]) == 2
