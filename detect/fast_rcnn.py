@@ -28,24 +28,7 @@ from torchvision.ops import batched_nms
 from detect.backbones import Backbone
 from detect.roi_heads import RoIHead
 from detect.transforms import DetectionTransform, check_images, check_targets
-
-
-class StageClock:
-    """Adds elapsed seconds per stage into a dict (no-op without one); synchronises CUDA first."""
-
-    def __init__(self, timings: dict | None, device: torch.device | None) -> None:
-        self.timings = timings
-        self.cuda = device is not None and device.type == "cuda"
-        self.start = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        if self.timings is None:
-            return
-        if self.cuda:
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        self.timings[name] = self.timings.get(name, 0.0) + now - self.start
-        self.start = now
+from detect.utils.timing import StageClock
 
 
 def target_ids(targets: Sequence[dict]) -> tuple[list[str] | None, list[bool]]:

@@ -8,7 +8,6 @@ trains and ``loss(..., stage=step.stage)``.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,6 +18,7 @@ from detect.backbones import Backbone, fold_frozen_batchnorm
 from detect.roi_heads import RoIHead
 from detect.rpn import RegionProposalNetwork
 from detect.transforms import DetectionTransform, check_images, check_targets
+from detect.utils.timing import StageClock
 
 Stage = Literal["joint", "rpn", "head"]
 
@@ -101,7 +101,7 @@ class FasterRCNN(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            clock = _Clock(timings, images[0].device if images else None)
+            clock = StageClock(timings, images[0].device if images else None)
             batch, _ = self.transform(images)
             x = batch.tensor.contiguous(memory_format=torch.channels_last) if self.channels_last else batch.tensor
             features = self.backbone(x)
@@ -156,24 +156,6 @@ class FasterRCNN(nn.Module):
             return boxes, scores
         finally:
             self.train(was_training)
-
-
-class _Clock:
-    """Adds elapsed seconds per stage into a dict (no-op without one)."""
-
-    def __init__(self, timings: dict | None, device: torch.device | None) -> None:
-        self.timings = timings
-        self.cuda = device is not None and device.type == "cuda"
-        self.start = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        if self.timings is None:
-            return
-        if self.cuda:
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        self.timings[name] = self.timings.get(name, 0.0) + now - self.start
-        self.start = now
 
 
 # --------------------------------------------------------------------------- 4-step alternating training

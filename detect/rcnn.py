@@ -26,7 +26,8 @@ from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, roi_align
 
 from detect.backbones import Backbone
 from detect.bbox_regression import BoxRegressionHead
-from detect.fast_rcnn import StageClock, target_ids
+from detect.fast_rcnn import target_ids
+from detect.utils.timing import StageClock
 from detect.matching import FOREGROUND, BalancedSampler, Matcher
 from detect.svm_heads import LinearSVMHead
 from detect.transforms import check_images, check_targets

@@ -174,5 +174,5 @@ def test_train_rcnn_tool_runs_the_four_stages(tmp_path, capsys):
     # stages 2-4 again from the fine-tuned weights: the cache is reused (same weights, same proposals)
     again = ["--stages", "features,svm", "--checkpoint", str(out / "finetune" / "model_final.pt"), "--no-test"]
     assert train_rcnn.main(args + again) == 0
-    assert f"0 computed, " in capsys.readouterr().out
+    assert "0 computed, " in capsys.readouterr().out
     assert train_rcnn.main(args + ["--stages", "svm", "--no-test"]) == 2     # no fine-tuned model given

@@ -1,6 +1,5 @@
 """VOC reading (1-based pixels at the edge, flags, class discovery, bad input) and image decoding."""
 
-import warnings
 
 import numpy as np
 import pytest

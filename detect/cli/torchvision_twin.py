@@ -118,7 +118,7 @@ def train_and_test_pair(setting: str, root: Path, args) -> dict:
     from detect.data.loader import build_dataset
     from detect.engine import evaluate_split, fit
 
-    data = [f"data.format=voc", f"data.root={root}", "data.classes=auto", "data.train_split=trainval",
+    data = ["data.format=voc", f"data.root={root}", "data.classes=auto", "data.train_split=trainval",
             "data.test_split=test", "train.eval_period=0", f"train.max_iter={args.max_iter}",
             f"train.steps=[{int(args.max_iter * 0.75)}]", "train.checkpoint_period=0", "train.workers=0",
             *args.overrides]
