@@ -212,3 +212,24 @@ def test_report_from_detections_alone_with_a_proposal_store(voc_tree, tmp_path):
     assert numbers["summary"]["mAP"] > 0.5      # jittered ground truth
     with pytest.raises(DetectError, match="not a proposal store folder"):
         open_proposal_store(tmp_path)
+
+
+def test_models_without_a_whole_image_pipeline_get_notes_not_crashes(voc_tree, tmp_path):
+    """R-CNN warps each region: no occlusion scorer or deconvnet input pipeline, so the report says so."""
+    import numpy as np
+    from torch import nn
+
+    from detect.analysis.report import ReportOptions, build_report
+
+    class WarpingDetector(nn.Module):   # like detect.rcnn.RCNN: no transform / roi_head attributes
+        pass
+
+    _, records, names = voc_tree
+    detections = {r.image_id: {"boxes": r.boxes, "scores": np.ones(len(r.labels), np.float32), "labels": r.labels}
+                  for r in records}
+    options = ReportOptions(occlusion=1, deconv_layer="conv1", samples=1)
+    index = build_report(WarpingDetector(), records, names, detections, tmp_path / "report", options=options,
+                         log=lambda m: None)
+    page = index.read_text(encoding="utf-8")
+    assert "no backbone + RoI head to score a fixed box" in page
+    assert "no whole-image input pipeline" in page

@@ -247,6 +247,9 @@ class _Builder:
         from detect.analysis.trunk import UnsupportedTrunkError
 
         self.page.section("Deconvnet")
+        if not hasattr(self.model, "transform"):   # R-CNN warps crops: no whole-image input pipeline to project through
+            self.page.text("not available: the model has no whole-image input pipeline (R-CNN warps each region)", note=True)
+            return
         try:
             net = DeconvNet.from_backbone(self.model.backbone)
         except (UnsupportedTrunkError, AttributeError) as exc:
