@@ -18,3 +18,17 @@ def run_cli(body: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def run_distributed_cli(run: Callable[[], object]) -> int:
+    """:func:`run_cli` for tools that may run under torchrun: the process group is torn down whatever happens."""
+    from detect import distributed
+
+    def body() -> int:
+        try:
+            run()
+        finally:
+            distributed.cleanup()
+        return 0
+
+    return run_cli(body)

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from detect import distributed
-from detect.cli.common import run_cli
+from detect.cli.common import run_distributed_cli
 from detect.errors import CheckpointError
 
 METRICS = ("voc07", "voc10", "coco", "all")
@@ -109,15 +109,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-
-    def body() -> int:
-        try:
-            run(args)
-        finally:
-            distributed.cleanup()
-        return 0
-
-    return run_cli(body)
+    return run_distributed_cli(lambda: run(args))
 
 
 if __name__ == "__main__":

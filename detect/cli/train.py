@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from detect import distributed
-from detect.cli.common import run_cli
+from detect.cli.common import run_distributed_cli
 from detect.errors import ConfigError, DetectError
 
 
@@ -164,15 +164,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-
-    def body() -> int:
-        try:
-            run(args)
-        finally:
-            distributed.cleanup()
-        return 0
-
-    return run_cli(body)
+    return run_distributed_cli(lambda: run(args))
 
 
 if __name__ == "__main__":
