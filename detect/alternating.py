@@ -72,10 +72,7 @@ def fit_alternating(build: Callable[[], nn.Module], train_set: DetectionDataset,
             proposer = copy.deepcopy(models[1]).to(device).eval()
             for p in proposer.parameters():
                 p.requires_grad_(False)
-
-            def loss_kwargs(images, proposer=proposer, stage=spec.stage):
-                boxes, _ = proposer.propose(images, training=True)
-                return {"stage": stage, "proposals": [b.clone() for b in boxes]}
+            loss_kwargs = _fixed_proposals(proposer, spec.stage)
 
         latest = ckpt_io.latest_checkpoint(step_dir) if resume else None
         result = fit(model, train_set, cfg, out_dir=step_dir, device=device, val_set=val_set, resume=latest,
@@ -87,3 +84,11 @@ def fit_alternating(build: Callable[[], nn.Module], train_set: DetectionDataset,
                                         class_names=train_set.class_names, iteration=total)
     distributed.barrier()
     return {"model": models[4], "final_checkpoint": final, "iteration": total}
+
+
+def _fixed_proposals(proposer, stage: str) -> Callable:
+    """``loss_kwargs`` for the steps that train on a frozen step-1 model's proposals."""
+    def loss_kwargs(images):
+        boxes, _ = proposer.propose(images, training=True)
+        return {"stage": stage, "proposals": [b.clone() for b in boxes]}
+    return loss_kwargs

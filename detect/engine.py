@@ -73,8 +73,13 @@ def lr_factor(iteration: int, cfg: TrainConfig, schedule: Schedule) -> float:
     return factor
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
-    """SGD over the trainable parameters; biases get ``bias_lr_factor`` x LR (py-faster-rcnn: 2x, no decay)."""
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (or AdamW) over the trainable parameters; biases get ``bias_lr_factor`` x LR (py-faster-rcnn: 2x, no decay).
+
+    AdamW (Loshchilov & Hutter, ICLR 2019) is not in the papers; it is here because the
+    from-scratch tiny trunk of the CPU demo leaves its class-agnostic plateau several times
+    sooner with it than with SGD. ``momentum`` is its beta1.
+    """
     weights, biases = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -83,6 +88,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
     if biases:
         groups.append({"params": biases, "lr": cfg.lr * cfg.bias_lr_factor,
                        "weight_decay": cfg.weight_decay if cfg.bias_weight_decay else 0.0})
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 

@@ -28,6 +28,7 @@ from torchvision.ops import batched_nms
 from detect.backbones import Backbone
 from detect.roi_heads import RoIHead
 from detect.transforms import DetectionTransform, check_images, check_targets
+from detect.utils.modes import eval_mode
 from detect.utils.timing import StageClock
 
 
@@ -107,9 +108,7 @@ class FastRCNN(nn.Module):
             N dicts: "boxes" (D, 4) in the images' pixels, "scores" (D,), "labels" (D,) int64 0-based.
         """
         images = check_images(images)
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             clock = StageClock(timings, images[0].device if images else None)
             boxes = [b[: self.test_proposals or None] for b in self.proposals(images, image_ids)]
             clock.lap("proposals")
@@ -126,8 +125,6 @@ class FastRCNN(nn.Module):
                 det["boxes"] = transform.boxes_to_input(det["boxes"], size, orig)
             clock.lap("heads")
             return detections
-        finally:
-            self.train(was_training)
 
     def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         """Same as :meth:`predict` (training uses :meth:`loss`)."""

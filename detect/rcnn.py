@@ -27,10 +27,11 @@ from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, roi_align
 from detect.backbones import Backbone
 from detect.bbox_regression import BoxRegressionHead
 from detect.fast_rcnn import target_ids
-from detect.utils.timing import StageClock
 from detect.matching import FOREGROUND, BalancedSampler, Matcher
 from detect.svm_heads import LinearSVMHead
 from detect.transforms import check_images, check_targets
+from detect.utils.modes import eval_mode
+from detect.utils.timing import StageClock
 
 
 def context_boxes(boxes: Tensor, *, crop_size: int, padding: int) -> Tensor:
@@ -190,9 +191,7 @@ class RCNN(nn.Module):
             N dicts: "boxes" (D, 4) in the images' pixels, "scores" (D,), "labels" (D,) int64 0-based.
         """
         images = check_images(images)
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             clock = StageClock(timings, images[0].device if images else None)
             proposals = [p[: self.test_proposals or None] for p in self.proposals(images, image_ids)]
             clock.lap("proposals")
@@ -203,8 +202,6 @@ class RCNN(nn.Module):
                 results.append(self._detect(image, props, pool5, fc7))
                 clock.lap("heads")
             return results
-        finally:
-            self.train(was_training)
 
     def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         """Same as :meth:`predict` (training uses :meth:`loss` and the stages of ``tools/train_rcnn.py``)."""

@@ -57,6 +57,15 @@ def test_optimizer_gives_biases_their_own_lr_and_no_decay():
     assert len(weights["params"]) + len(biases["params"]) == 7
 
 
+def test_adamw_optimizer_keeps_the_bias_groups_and_uses_momentum_as_beta1():
+    cfg = fake_config(optimizer="adamw", lr=0.001, momentum=0.8, weight_decay=0.01, bias_lr_factor=1.0)
+    opt = build_optimizer(FakeDetector(), cfg.train)
+    assert isinstance(opt, torch.optim.AdamW)
+    weights, biases = opt.param_groups
+    assert (weights["lr"], weights["weight_decay"], weights["betas"]) == (0.001, 0.01, (0.8, 0.999))
+    assert (biases["lr"], biases["weight_decay"]) == (0.001, 0.0)
+
+
 def test_fit_writes_checkpoints_metrics_and_lowers_the_loss(images, tmp_path):
     cfg = fake_config(max_iter=30, steps=[25], checkpoint_period=10, keep_checkpoints=2, log_period=10)
     _, result = _train(images, tmp_path, cfg=cfg)
