@@ -167,8 +167,31 @@ def test_interrupted_generation_is_redone(tmp_path):
     assert _digests(root) == reference
 
 
+def test_workers_write_the_same_bytes_and_plain_style_is_its_own_dataset(tmp_path, dataset):
+    parallel = generate_synthetic(tmp_path / "parallel", N_IMAGES, seed=0, workers=2)
+    assert _digests(parallel) == _digests(dataset)
+    plain = generate_synthetic(tmp_path / "plain", N_IMAGES, seed=0, style="plain")
+    assert json.loads((plain / "synthetic.json").read_text())["style"] == "plain"
+    assert "style" not in json.loads((dataset / "synthetic.json").read_text())   # older trees stay valid
+    assert _digests(generate_synthetic(tmp_path / "plain2", N_IMAGES, seed=0, style="plain", workers=2)) == \
+        _digests(plain)
+    # Same sizes and object counts per seed, but no distractor lines or two-colour textures: the
+    # plain background is smoother than the cluttered one of the same image.
+    smooth = [_roughness(read_image(plain / "JPEGImages" / f"{i:06d}.jpg")) for i in range(N_IMAGES)]
+    rough = [_roughness(read_image(dataset / "JPEGImages" / f"{i:06d}.jpg")) for i in range(N_IMAGES)]
+    assert np.mean(smooth) < np.mean(rough)
+    with pytest.raises(DatasetError, match="holds a synthetic dataset made with other parameters"):
+        generate_synthetic(plain, N_IMAGES, seed=0)
+
+
+def _roughness(image: np.ndarray) -> float:
+    grey = image.astype(np.float64).mean(axis=2)
+    return float(np.abs(np.diff(grey, axis=1)).mean())
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"num_images": 2}, "num_images must be an integer >= 3"),
+    ({"style": "fancy"}, "style must be one of"),
     ({"min_side": 300, "max_side": 200}, "min_side <= max_side"),
     ({"empty_fraction": 1.5}, "empty_fraction"),
 ])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from detect.data.synthetic import SYNTHETIC_CLASSES, generate_synthetic
+from detect.data.synthetic import STYLES, SYNTHETIC_CLASSES, generate_synthetic
 from detect.errors import DetectError
 
 
@@ -18,6 +18,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-side", type=int, default=320, help="largest image side in pixels (default: 320)")
     parser.add_argument("--max-objects", type=int, default=6, help="most objects per image (default: 6)")
     parser.add_argument("--empty-fraction", type=float, default=0.08, help="share of images without objects (default: 0.08)")
+    parser.add_argument("--style", choices=STYLES, default="cluttered",
+                        help="cluttered: every texture, distractor lines and blobs; plain: flat or noisy fills on a "
+                             "smooth background (default: cluttered)")
+    parser.add_argument("--workers", type=int, default=1, help="processes drawing images (same files; default: 1)")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset made with other parameters")
     return parser
 
@@ -30,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         root = generate_synthetic(args.out, args.images, args.seed, min_side=args.min_side, max_side=args.max_side,
                                   max_objects=args.max_objects, empty_fraction=args.empty_fraction,
-                                  overwrite=args.overwrite)
+                                  style=args.style, workers=args.workers, overwrite=args.overwrite)
     except DetectError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ the engine reports it once. ``strict=True`` turns that into an error.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -228,7 +229,12 @@ def synthetic_root(data_cfg) -> Path:
     """Where the synthetic dataset lives: ``data.root``, else a cache folder named by size and seed."""
     if data_cfg.root:
         return Path(data_cfg.root)
-    return DEFAULT_SYNTHETIC_ROOT / f"n{data_cfg.synthetic_images}_seed{data_cfg.synthetic_seed}"
+    name = f"n{data_cfg.synthetic_images}_seed{data_cfg.synthetic_seed}"
+    if data_cfg.synthetic_style != "cluttered":
+        name += f"_{data_cfg.synthetic_style}"
+    if data_cfg.synthetic_max_objects != 6:
+        name += f"_objects{data_cfg.synthetic_max_objects}"
+    return DEFAULT_SYNTHETIC_ROOT / name
 
 
 def ensure_synthetic(data_cfg) -> Path:
@@ -238,7 +244,9 @@ def ensure_synthetic(data_cfg) -> Path:
 
     root = synthetic_root(data_cfg)
     if distributed.is_main():
-        generate_synthetic(root, num_images=data_cfg.synthetic_images, seed=data_cfg.synthetic_seed)
+        generate_synthetic(root, num_images=data_cfg.synthetic_images, seed=data_cfg.synthetic_seed,
+                           max_objects=data_cfg.synthetic_max_objects, style=data_cfg.synthetic_style,
+                           workers=min(2, os.cpu_count() or 1))
     distributed.barrier()
     return root
 

@@ -40,6 +40,9 @@ from detect.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_
 
 SYNTHETIC_CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "star", "ring")
 TEXTURES: tuple[str, ...] = ("flat", "stripes", "checker", "noise")
+# "cluttered": every texture, distractor lines and blobs (the default, and the test fixture);
+# "plain": flat or noisy fills and a background without lines or blobs (the CPU demo's budget).
+STYLES: tuple[str, ...] = ("cluttered", "plain")
 GENERATOR_VERSION = 1
 
 _PARAMS_FILE = "synthetic.json"
@@ -115,8 +118,8 @@ def shape_mask(kind: str, half_w: float, half_h: float, angle: float, rng: np.ra
     return mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
 
 
-def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """Gradient + low-frequency and pixel noise + distractor lines and soft blobs (float RGB)."""
+def _background(rng: np.random.Generator, height: int, width: int, clutter: bool = True) -> np.ndarray:
+    """Gradient + low-frequency and pixel noise (+ distractor lines and soft blobs when ``clutter``), float RGB."""
     y, x = np.mgrid[0:height, 0:width].astype(np.float64)
     theta = rng.uniform(0, 2 * np.pi)
     t = x * np.cos(theta) + y * np.sin(theta)
@@ -126,6 +129,8 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     coarse = rng.normal(0.0, rng.uniform(5, 25), size=(5, 5, 3)).astype(np.float32)
     canvas += cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
     canvas += rng.normal(0.0, rng.uniform(2, 10), size=(height, width, 1))
+    if not clutter:
+        return np.clip(canvas, 0, 255)
     for _ in range(rng.integers(0, 4)):       # soft blobs: no crisp edge, so never mistaken for a circle
         cx, cy = rng.uniform(0, width), rng.uniform(0, height)
         sx, sy = rng.uniform(8, width / 3), rng.uniform(8, height / 3)
@@ -151,7 +156,8 @@ def _texture(rng: np.random.Generator, kind: str, height: int, width: int) -> tu
     return None, (rng.uniform(10, 20) if kind == "noise" else 0.0)
 
 
-def _paint(rng: np.random.Generator, canvas: np.ndarray, mask: np.ndarray, *, low_contrast: bool) -> tuple[np.ndarray, bool]:
+def _paint(rng: np.random.Generator, canvas: np.ndarray, mask: np.ndarray, *, low_contrast: bool,
+           textures: tuple[str, ...] = TEXTURES) -> tuple[np.ndarray, bool]:
     """Pixel values (M, 3) for the masked pixels of an object; also whether it came out low-contrast."""
     under = canvas[mask]
     if low_contrast:   # deliberately faint: a flat colour just off the local background
@@ -159,7 +165,7 @@ def _paint(rng: np.random.Generator, canvas: np.ndarray, mask: np.ndarray, *, lo
         colour = under.mean(axis=0) + direction / np.linalg.norm(direction) * rng.uniform(18, 30)
         return np.clip(np.broadcast_to(colour, under.shape), 0, 255), True
     height, width = canvas.shape[:2]
-    pattern, noise_sigma = _texture(rng, TEXTURES[rng.integers(len(TEXTURES))], height, width)
+    pattern, noise_sigma = _texture(rng, textures[rng.integers(len(textures))], height, width)
     pattern = pattern[mask] if pattern is not None else None
     noise = rng.normal(0.0, noise_sigma, size=(len(under), 1)) if noise_sigma else 0.0
     best, best_score = None, -1.0
@@ -186,15 +192,17 @@ def _tight_box(mask: np.ndarray) -> np.ndarray:
     return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], dtype=np.float32)
 
 
-def render_image(rng: np.random.Generator, width: int, height: int, num_objects: int) -> SyntheticImage:
-    """Draw a cluttered background and up to ``num_objects`` shapes on it.
+def render_image(rng: np.random.Generator, width: int, height: int, num_objects: int,
+                 style: str = "cluttered") -> SyntheticImage:
+    """Draw a background and up to ``num_objects`` shapes on it (``style``: see :data:`STYLES`).
 
     Objects are placed one by one, later ones on top; a placement is rejected
     when it would hide more than 70% of an earlier object or make two boxes
     overlap with IoU > 0.5, so every annotated object stays findable. Most
     images keep objects apart; about a third allow overlaps.
     """
-    canvas = _background(rng, height, width)
+    plain = style == "plain"
+    canvas = _background(rng, height, width, clutter=not plain)
     background = np.round(canvas).astype(np.uint8)
     allow_overlap = rng.uniform() < 0.35
     full_masks: list[np.ndarray] = []
@@ -228,7 +236,8 @@ def render_image(rng: np.random.Generator, width: int, height: int, num_objects:
                 break
         else:
             continue
-        pixels, faint = _paint(rng, canvas, full, low_contrast=rng.uniform() < 0.05)
+        pixels, faint = _paint(rng, canvas, full, low_contrast=rng.uniform() < 0.05,
+                               textures=("flat", "noise") if plain else TEXTURES)
         canvas[full] = pixels
         full_masks.append(full)
         totals.append(total)
@@ -247,12 +256,12 @@ def render_image(rng: np.random.Generator, width: int, height: int, num_objects:
 
 
 def synthetic_scene(seed: int, index: int, *, min_side: int = 192, max_side: int = 320, max_objects: int = 6,
-                    empty: bool = False) -> SyntheticImage:
+                    empty: bool = False, style: str = "cluttered") -> SyntheticImage:
     """Image ``index`` of the dataset made with ``seed``: its size, object count and scene."""
     rng = np.random.default_rng([seed, index])
     width, height = (int(v) for v in rng.integers(min_side, max_side + 1, size=2))
     count = 0 if empty else int(rng.integers(1, max_objects + 1))
-    return render_image(rng, width, height, count)
+    return render_image(rng, width, height, count, style)
 
 
 def _visible_masks(full_masks: list[np.ndarray], height: int, width: int) -> np.ndarray:
@@ -281,7 +290,7 @@ def _placement_ok(new: np.ndarray, earlier: list[np.ndarray], totals: list[int],
 
 
 def _params(num_images: int, seed: int, min_side: int, max_side: int, max_objects: int,
-            empty_fraction: float, jpeg_quality: int) -> dict:
+            empty_fraction: float, jpeg_quality: int, style: str) -> dict:
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 3:
         raise DatasetError(f"synthetic dataset: num_images must be an integer >= 3 (one per split), got {num_images!r}")
     if not 64 <= min_side <= max_side:
@@ -289,7 +298,10 @@ def _params(num_images: int, seed: int, min_side: int, max_side: int, max_object
     if max_objects < 1 or not 0.0 <= empty_fraction < 1.0 or not 1 <= jpeg_quality <= 100:
         raise DatasetError(f"synthetic dataset: need max_objects >= 1, 0 <= empty_fraction < 1, 1 <= jpeg_quality <= 100; "
                            f"got {max_objects}, {empty_fraction}, {jpeg_quality}")
-    return {"generator": "detect.data.synthetic", "version": GENERATOR_VERSION, "num_images": int(num_images),
+    if style not in STYLES:
+        raise DatasetError(f"synthetic dataset: style must be one of {', '.join(STYLES)}, got {style!r}")
+    extra = {} if style == "cluttered" else {"style": style}   # datasets written before styles existed stay valid
+    return {**extra, "generator": "detect.data.synthetic", "version": GENERATOR_VERSION, "num_images": int(num_images),
             "seed": int(seed), "min_side": int(min_side), "max_side": int(max_side), "max_objects": int(max_objects),
             "empty_fraction": float(empty_fraction), "jpeg_quality": int(jpeg_quality),
             "classes": list(SYNTHETIC_CLASSES)}
@@ -330,7 +342,8 @@ def _encode_jpeg(image: np.ndarray, quality: int) -> bytes:
 
 def generate_synthetic(out_dir: str | Path, num_images: int = 200, seed: int = 0, *, min_side: int = 192,
                        max_side: int = 320, max_objects: int = 6, empty_fraction: float = 0.08,
-                       jpeg_quality: int = 92, overwrite: bool = False) -> Path:
+                       jpeg_quality: int = 92, style: str = "cluttered", workers: int = 1,
+                       overwrite: bool = False) -> Path:
     """Write (or reuse) a synthetic VOC-format dataset and return its root.
 
     Layout: ``JPEGImages/<id>.jpg``, ``Annotations/<id>.xml``,
@@ -347,6 +360,10 @@ def generate_synthetic(out_dir: str | Path, num_images: int = 200, seed: int = 0
         max_objects: most objects per image.
         empty_fraction: share of images with no object at all.
         jpeg_quality: JPEG quality of the written images.
+        style: "cluttered" (every texture, distractor lines and blobs) or "plain" (flat or
+            noisy fills on a smooth background); see :data:`STYLES`.
+        workers: processes drawing images (each image has its own RNG, so the files do
+            not depend on it).
         overwrite: replace a dataset made with other parameters (or a non-empty
             directory that is not a synthetic dataset).
 
@@ -355,7 +372,7 @@ def generate_synthetic(out_dir: str | Path, num_images: int = 200, seed: int = 0
             ``overwrite`` is false.
     """
     out = Path(out_dir)
-    params = _params(num_images, seed, min_side, max_side, max_objects, empty_fraction, jpeg_quality)
+    params = _params(num_images, seed, min_side, max_side, max_objects, empty_fraction, jpeg_quality, style)
     if out.exists() and not out.is_dir():
         raise DatasetError(f"synthetic dataset: {out} exists and is not a directory")
     if _complete(out, params):
@@ -378,14 +395,15 @@ def generate_synthetic(out_dir: str | Path, num_images: int = 200, seed: int = 0
     ids = [f"{i:06d}" for i in range(num_images)]
     split_rng = np.random.default_rng([seed, num_images, 0x5EED])
     empty = set(split_rng.permutation(num_images)[:int(round(empty_fraction * num_images))].tolist())
-    for i, image_id in enumerate(ids):
-        scene = synthetic_scene(seed, i, min_side=min_side, max_side=max_side, max_objects=max_objects, empty=i in empty)
-        image_path = out / "JPEGImages" / f"{image_id}.jpg"
-        atomic_write_bytes(image_path, _encode_jpeg(scene.image, jpeg_quality))
-        height, width = scene.image.shape[:2]
-        record = ImageRecord(image_id, image_path, width, height, scene.boxes, scene.labels,
-                             scene.difficult, scene.truncated)
-        write_annotation(out / "Annotations" / f"{image_id}.xml", record, list(SYNTHETIC_CLASSES))
+    jobs = [(out, params, i, i in empty) for i in range(num_images)]
+    if workers > 1 and num_images > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(_write_image, jobs, chunksize=16))
+    else:
+        for job in jobs:
+            _write_image(job)
 
     order = [ids[i] for i in split_rng.permutation(num_images)]
     n_val = n_test = max(1, int(round(0.2 * num_images)))
@@ -400,12 +418,27 @@ def generate_synthetic(out_dir: str | Path, num_images: int = 200, seed: int = 0
     return out
 
 
+def _write_image(job: tuple) -> None:
+    """Draw image ``index`` and write its JPEG and annotation (a top-level function, so workers can run it)."""
+    out, params, index, empty = job
+    scene = synthetic_scene(params["seed"], index, min_side=params["min_side"], max_side=params["max_side"],
+                            max_objects=params["max_objects"], empty=empty, style=params.get("style", "cluttered"))
+    image_id = f"{index:06d}"
+    image_path = out / "JPEGImages" / f"{image_id}.jpg"
+    atomic_write_bytes(image_path, _encode_jpeg(scene.image, params["jpeg_quality"]))
+    height, width = scene.image.shape[:2]
+    record = ImageRecord(image_id, image_path, width, height, scene.boxes, scene.labels,
+                         scene.difficult, scene.truncated)
+    write_annotation(out / "Annotations" / f"{image_id}.xml", record, list(SYNTHETIC_CLASSES))
+
+
 def _readme(params: dict, counts: dict[str, int]) -> str:
     return (
         "Synthetic shapes dataset (PASCAL VOC layout), written by detect.data.synthetic.generate_synthetic.\n\n"
         f"classes: {', '.join(SYNTHETIC_CLASSES)} (shape identifies the class; colour and texture are random)\n"
         f"images: {params['num_images']}, seed {params['seed']}, sides {params['min_side']}..{params['max_side']} px, "
-        f"up to {params['max_objects']} objects, {params['empty_fraction']:.0%} empty\n"
+        f"up to {params['max_objects']} objects, {params['empty_fraction']:.0%} empty, "
+        f"style {params.get('style', 'cluttered')}\n"
         f"splits: {', '.join(f'{k} {v}' for k, v in counts.items())}\n\n"
         "Boxes are the tight boxes of each object's visible pixels, clipped at the image border.\n"
         "truncated=1: the shape crosses the border. difficult=1: longer side under 16 px, under half\n"
