@@ -21,7 +21,7 @@ from detect.rpn import RegionProposalNetwork, RPNHead
 from detect.transforms import DetectionTransform
 
 # Backbones whose per-RoI layers start with a fully connected layer of fixed input size.
-_FC_HEADS = ("alexnet", "zf", "vgg16", "tiny")
+_FC_HEADS = ("alexnet", "zf", "vgg16", "tiny", "tiny8")
 
 
 def resolve_class_names(cfg: Config, class_names: list[str] | None = None) -> list[str]:

@@ -44,6 +44,8 @@ class DataConfig:
     use_difficult: bool = False    # train on VOC "difficult" objects (py-faster-rcnn: no)
     synthetic_images: int = 200    # synthetic: images generated when root is empty/missing
     synthetic_seed: int = 0
+    synthetic_style: Literal["cluttered", "plain"] = "cluttered"   # detect.data.synthetic.STYLES
+    synthetic_max_objects: int = 6
 
 
 @dataclass
@@ -136,8 +138,9 @@ class TrainConfig:
 
     training_mode: Literal["joint", "alternating"] = "joint"
     images_per_batch: int = 1
+    optimizer: Literal["sgd", "adamw"] = "sgd"   # the papers: SGD; AdamW trains small nets from scratch faster
     lr: float = 0.001
-    momentum: float = 0.9
+    momentum: float = 0.9          # SGD momentum (AdamW: beta1 = momentum, beta2 = 0.999)
     weight_decay: float = 0.0005
     schedule: Literal["step", "cosine"] = "step"
     schedule_unit: Literal["iter", "epoch"] = "iter"   # unit of max_iter, steps, checkpoint_period, eval_period

@@ -14,10 +14,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from detect.backbones import Backbone, fold_frozen_batchnorm
+from detect.backbones import Backbone, fold_frozen_batchnorm, is_pointwise
 from detect.roi_heads import RoIHead
 from detect.rpn import RegionProposalNetwork
 from detect.transforms import DetectionTransform, check_images, check_targets
+from detect.utils.modes import eval_mode
 from detect.utils.timing import StageClock
 
 Stage = Literal["joint", "rpn", "head"]
@@ -98,9 +99,7 @@ class FasterRCNN(nn.Module):
             N dicts: "boxes" (D, 4) xyxy in the image's pixels, "scores" (D,), "labels" (D,) int64 0-based.
         """
         images = check_images(images)
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             clock = StageClock(timings, images[0].device if images else None)
             batch, _ = self.transform(images)
             x = batch.tensor.contiguous(memory_format=torch.channels_last) if self.channels_last else batch.tensor
@@ -113,23 +112,28 @@ class FasterRCNN(nn.Module):
                 det["boxes"] = self.transform.boxes_to_input(det["boxes"], size, orig)
             clock.lap("roi_heads")
             return detections
-        finally:
-            self.train(was_training)
 
     @torch.no_grad()
     def prepare_for_inference(self) -> "FasterRCNN":
         """Make :meth:`predict` faster on the CPU; returns ``self``.
 
-        Folds every FrozenBatchNorm2d into the convolution before it (one pass less
-        over each feature map) and stores conv weights channels-last, the layout
-        oneDNN's CPU convolutions prefer (ResNet-50 C4 trunk: ~1.4x together). Detections
-        are unchanged up to float rounding. Call it once on a model used only for inference:
-        the checkpoint layout changes (the BN tensors disappear), so save checkpoints before.
+        Folds every BatchNorm into the convolution before it (one pass less over each
+        feature map) and stores conv weights channels-last, the layout oneDNN's CPU
+        convolutions prefer (ResNet-50 C4 trunk: ~1.4x together). A per-RoI head with no
+        spatial convolution (fc layers, 1x1 channel reductions) stays as it is: converting
+        its (R, C, 7, 7) RoI features to channels-last costs more than it saves. Detections are unchanged up to
+        float rounding. Call it once on a model used only for inference: the checkpoint
+        layout changes (the BN tensors disappear), so save checkpoints before.
         """
         fold_frozen_batchnorm(self.backbone)
         fold_frozen_batchnorm(self.roi_head)
         if next(self.parameters()).device.type == "cpu":
-            self.to(memory_format=torch.channels_last)
+            convs = [m for m in self.roi_head.modules() if isinstance(m, nn.Conv2d)]
+            if all(is_pointwise(m) for m in convs):
+                self.backbone.to(memory_format=torch.channels_last)
+                self.rpn.to(memory_format=torch.channels_last)
+            else:
+                self.to(memory_format=torch.channels_last)
             self.channels_last = True
         return self
 
@@ -145,17 +149,13 @@ class FasterRCNN(nn.Module):
             training: use the training top-k counts and this image scale draw (12000 / 2000 in the paper).
         """
         images = check_images(images)
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             batch, _ = self.transform(images, training=training)
             features = self.backbone(batch.tensor)
             boxes, scores = self.rpn.predict(features, batch.image_sizes, training=training)
             boxes = [self.transform.boxes_to_input(b, size, orig)
                      for b, size, orig in zip(boxes, batch.image_sizes, batch.original_sizes)]
             return boxes, scores
-        finally:
-            self.train(was_training)
 
 
 # --------------------------------------------------------------------------- 4-step alternating training

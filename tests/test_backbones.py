@@ -19,9 +19,10 @@ def test_declared_geometry_matches_the_network(name):
         features = backbone(torch.rand(1, 3, 96, 128))
         vectors = head(torch.rand(2, backbone.out_channels, backbone.roi_size, backbone.roi_size))
     assert features.shape[1] == backbone.out_channels
-    assert backbone.stride == 16
-    # AlexNet's unpadded pools lose a cell; the others give ceil(size / 16)
-    assert abs(features.shape[2] - 96 / 16) <= 1 and abs(features.shape[3] - 128 / 16) <= 1
+    stride = 8 if name == "tiny8" else 16
+    assert backbone.stride == stride
+    # AlexNet's unpadded pools lose a cell; the others give ceil(size / stride)
+    assert abs(features.shape[2] - 96 / stride) <= 1 and abs(features.shape[3] - 128 / stride) <= 1
     assert vectors.shape == (2, backbone.head_channels)
     with torch.no_grad():     # the smallest padded input survives the trunk
         assert backbone(torch.rand(1, 3, backbone.min_input_size, backbone.min_input_size)).shape[-1] >= 1
@@ -50,6 +51,40 @@ def test_freeze_bn_and_fold_keeps_outputs():
         after = backbone(x)
     assert not any(isinstance(m, FrozenBatchNorm2d) for m in backbone.modules())
     assert torch.allclose(before, after, atol=1e-4)
+
+
+def test_conv1x1_equals_a_1x1_convolution_forward_and_backward():
+    from detect.backbones import Conv1x1
+
+    torch.manual_seed(0)
+    fast = Conv1x1(16, 8)
+    x = torch.randn(5, 16, 7, 7, requires_grad=True)
+    fast(x).square().sum().backward()
+    grads = (x.grad.clone(), fast.weight.grad.clone(), fast.bias.grad.clone())
+    x.grad = None
+    out = torch.nn.functional.conv2d(x, fast.weight, fast.bias)
+    assert torch.allclose(fast(x), out, atol=1e-5)
+    weight, bias = fast.weight.detach().requires_grad_(), fast.bias.detach().requires_grad_()
+    torch.nn.functional.conv2d(x, weight, bias).square().sum().backward()
+    for ours, ref in zip(grads, (x.grad, weight.grad, bias.grad)):
+        assert torch.allclose(ours, ref, atol=1e-4)
+
+
+def test_trainable_batchnorm_of_tiny8_folds_with_its_running_statistics():
+    torch.manual_seed(0)
+    backbone, _ = build_backbone("tiny8", freeze_bn=False)
+    backbone.train()
+    with torch.no_grad():
+        for _ in range(3):                       # running statistics away from (0, 1)
+            backbone(torch.rand(2, 3, 64, 64) * 3 + 1)
+    backbone.eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        before = backbone(x)
+        assert fold_frozen_batchnorm(backbone) == 5
+        after = backbone(x)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in backbone.modules())
+    assert torch.allclose(before, after, atol=1e-4 * before.abs().max().item())
 
 
 def test_imagenet_weights_missing_from_cache_is_a_clear_error(tmp_path, monkeypatch):

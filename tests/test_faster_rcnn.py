@@ -210,3 +210,32 @@ def test_tiny_synthetic_overfits_eight_images(tmp_path, one_thread):
     result = evaluate_voc(records, detections, names, metric="voc07")
     print(f"overfit: mAP {result['mAP']:.3f} in {time.perf_counter() - start:.0f} s; {result['per_class']}")
     assert result["mAP"] >= 0.95
+
+
+@pytest.mark.parametrize("backbone", ["tiny8", "resnet18"])
+def test_prepare_for_inference_keeps_detections(backbone):
+    torch.manual_seed(0)
+    cfg = load_config(TINY, overrides=["model.num_classes=3", "model.input.min_size=[128]", "model.input.max_size=200",
+                                       "model.input.test_min_size=128", f"model.backbone.name={backbone}",
+                                       "model.rpn.channels=64", "model.roi_heads.score_thresh=0.0"])
+    model = build_model(cfg)
+    images, targets = batch()
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):                 # BatchNorm statistics away from their initial (0, 1)
+            model.loss(images, targets)
+    before = model.predict(images)
+    model.prepare_for_inference()
+    after = model.predict(images)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    # An fc head's 1x1 convolutions read the pooled features as they are; ResNet's res5 head goes channels-last.
+    head_convs = [m for m in model.roi_head.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert head_convs
+    spatial = [m for m in head_convs if m.kernel_size != (1, 1)]    # 1x1 weights look the same in both layouts
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) and not m.weight.is_contiguous()
+               for m in spatial)
+    assert bool(spatial) == (backbone == "resnet18")
+    for b, a in zip(before, after):
+        assert len(b["scores"]) > 0 and torch.equal(b["labels"], a["labels"])
+        assert torch.allclose(b["scores"], a["scores"], atol=1e-4)
+        assert torch.allclose(b["boxes"], a["boxes"], atol=1e-2)
