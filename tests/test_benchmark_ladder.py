@@ -21,7 +21,9 @@ TINY = {key: CONFIGS / folder / "tiny_synthetic.yaml"
 def synthetic(tmp_path_factory):
     """Overrides that point every tiny config at the same 5 generated images (1 in 'test') at small sizes."""
     root = tmp_path_factory.mktemp("ladder") / "syn"
-    return [f"data.root={root}", "data.synthetic_images=5", "model.input.min_size=[128]",
+    # The Faster R-CNN demo config trains tiny8 on the plain style; the ladder compares like with like.
+    return [f"data.root={root}", "data.synthetic_images=5", "data.synthetic_style=cluttered",
+            "model.backbone.name=tiny", "model.input.min_size=[128]",
             "model.input.test_min_size=128", "model.input.max_size=224", "rcnn.crop_size=32",
             "rcnn.context_padding=2", "rcnn.window_batch=4"]
 

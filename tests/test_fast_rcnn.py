@@ -131,7 +131,7 @@ def test_compress_and_ladder_tools_on_tiny_checkpoints(tmp_path, capsys):
     paths = {}
     for key, cfg_path in (("fast", TINY), ("rcnn", CONFIGS / "rcnn" / "tiny_synthetic.yaml"),
                           ("faster", CONFIGS / "faster_rcnn" / "tiny_synthetic.yaml")):
-        cfg = load_config(cfg_path, common)
+        cfg = load_config(cfg_path, common + ["model.backbone.name=tiny"])    # the Faster demo config has tiny8
         torch.manual_seed(0)
         paths[key] = save_checkpoint(tmp_path / f"{key}.pt", model=build_model(cfg, class_names=names),
                                      config=config_to_dict(cfg), class_names=names)
