@@ -285,6 +285,23 @@ def _load_into(net: nn.Module, used: nn.Module, state: dict, source: str) -> Non
         raise CheckpointError(f"{source}: tensors do not fit the network: {str(exc).splitlines()[-1]}") from None
 
 
+def _load_parts(used: nn.ModuleDict, state: dict, source: str) -> None:
+    """Load ``trunk.*`` / ``roi_head.*`` tensors; a part the file names must be complete, a part it omits keeps its init.
+
+    A trunk pretrained on its own (e.g. as a classifier, R-CNN Sec. 2.3) comes without RoI-head tensors.
+    """
+    parts = {k.split(".", 1)[0] for k in state}
+    unknown = sorted(parts - set(used.keys()))
+    if unknown:
+        raise CheckpointError(f"{source}: unexpected top-level keys {unknown} (expected trunk.*, roi_head.*)")
+    for part in sorted(parts):
+        prefix = f"{part}."
+        try:
+            used[part].load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        except RuntimeError as exc:
+            raise CheckpointError(f"{source}: {part}: {str(exc).splitlines()[0]}") from None
+
+
 def freeze_batchnorm(module: nn.Module) -> nn.Module:
     """Replace every BatchNorm2d by a FrozenBatchNorm2d holding the same statistics.
 
@@ -357,10 +374,7 @@ def build_backbone(name: str, *, weights: str = "none", freeze_at: int = 0, free
     elif weights not in ("none", ""):
         state = _read_local_state(Path(weights))
         if any(k.startswith(("trunk.", "roi_head.")) for k in state):
-            try:
-                used.load_state_dict(state)
-            except RuntimeError as exc:
-                raise CheckpointError(f"model.backbone.weights={weights}: {str(exc).splitlines()[0]}") from None
+            _load_parts(used, state, f"model.backbone.weights={weights}")
         else:
             _load_into(net, used, state, f"model.backbone.weights={weights}")
     backbone = Backbone(name=name, freeze_at=freeze_at, **parts)

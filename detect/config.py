@@ -164,6 +164,22 @@ class TrainConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """Supervised pre-training of the trunk as a classifier of ground-truth crops (detect/pretrain.py).
+
+    Off by default: the paper recipes start from ImageNet weights instead.
+    """
+
+    steps: int = 0                 # 0: no pre-training
+    crop_size: int = 64            # crops are warped to this square size (R-CNN Sec. 2.1 warps to 227)
+    context: float = 0.15          # context kept around each box, as a fraction of its size per side
+    batch_size: int = 64
+    lr: float = 0.002              # AdamW, one-cycle schedule
+    weight_decay: float = 0.0001
+    seed: int = 0
+
+
+@dataclass
 class TestConfig:
     metric: Literal["voc07", "voc10", "coco", "all"] = "voc07"
     split: str = ""                # empty: data.test_split
@@ -260,6 +276,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     test: TestConfig = field(default_factory=TestConfig)
     proposals: ProposalConfig = field(default_factory=ProposalConfig)
     fast_rcnn: FastRCNNConfig = field(default_factory=FastRCNNConfig)

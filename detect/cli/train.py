@@ -133,6 +133,9 @@ def run(args: argparse.Namespace) -> dict:
         distributed.barrier()
     if pipeline == "rcnn" and distributed.is_main():
         log("R-CNN: tools/train.py runs stage 1 (fine-tuning); tools/train_rcnn.py runs stages 2-4 (features, SVMs, box regression)")
+    if alternating and cfg.pretrain.steps:
+        raise ConfigError(f"{args.config}: pretrain.steps is not combined with train.training_mode 'alternating' "
+                          "(set pretrain.steps=0, or train jointly)")
     if alternating:
         from detect.alternating import fit_alternating
 
@@ -141,6 +144,12 @@ def run(args: argparse.Namespace) -> dict:
         model = result["model"]
     else:
         model = build()
+        if resume is None and cfg.pretrain.steps:
+            # Every rank runs the same seeded pre-training (DDP also starts from rank 0's weights).
+            from detect.pretrain import pretrain_trunk
+
+            pretrain_trunk(model.backbone, train_set.records, len(train_set.class_names), cfg.pretrain,
+                           device=info.device, log=log if distributed.is_main() else (lambda *_: None))
         result = fit(model, train_set, cfg, out_dir=out, device=info.device, val_set=val_set, resume=resume,
                      log=log, progress=not args.no_progress)
 
