@@ -296,10 +296,15 @@ def _load_parts(used: nn.ModuleDict, state: dict, source: str) -> None:
         raise CheckpointError(f"{source}: unexpected top-level keys {unknown} (expected trunk.*, roi_head.*)")
     for part in sorted(parts):
         prefix = f"{part}."
+        given = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        expected = used[part].state_dict()
+        missing, unexpected = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+        if missing or unexpected:
+            raise CheckpointError(f"{source}: {part}: missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
         try:
-            used[part].load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-        except RuntimeError as exc:
-            raise CheckpointError(f"{source}: {part}: {str(exc).splitlines()[0]}") from None
+            used[part].load_state_dict(given)
+        except RuntimeError as exc:    # shapes
+            raise CheckpointError(f"{source}: {part}: {str(exc).splitlines()[-1].strip()}") from None
 
 
 def freeze_batchnorm(module: nn.Module) -> nn.Module:

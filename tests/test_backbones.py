@@ -128,6 +128,27 @@ def test_local_weight_files(tmp_path):
         build_backbone("alexnet", weights=str(tmp_path / "nope.pth"))
 
 
+def test_a_weights_file_may_hold_the_trunk_alone_but_each_part_whole(tmp_path):
+    torch.manual_seed(0)
+    pretrained, _ = build_backbone("tiny8", freeze_bn=False)
+    trunk_only = tmp_path / "trunk.pth"
+    torch.save({f"trunk.{k}": v for k, v in pretrained.trunk.state_dict().items()}, trunk_only)
+    torch.manual_seed(1)
+    backbone, head = build_backbone("tiny8", weights=str(trunk_only), freeze_bn=False)
+    torch.manual_seed(1)
+    _, fresh_head = build_backbone("tiny8", freeze_bn=False)
+    assert all(torch.equal(v, pretrained.trunk.state_dict()[k]) for k, v in backbone.trunk.state_dict().items())
+    assert all(torch.equal(v, fresh_head.state_dict()[k]) for k, v in head.state_dict().items())   # init kept
+    broken = tmp_path / "broken.pth"
+    torch.save({f"trunk.{k}": v for k, v in list(pretrained.trunk.state_dict().items())[1:]}, broken)
+    with pytest.raises(CheckpointError, match=r"trunk: missing keys \['0.0.weight'\]"):
+        build_backbone("tiny8", weights=str(broken), freeze_bn=False)
+    stray = tmp_path / "stray.pth"
+    torch.save({"trunk.0.0.weight": pretrained.trunk[0][0].weight, "rpn.conv.weight": torch.zeros(1)}, stray)
+    with pytest.raises(CheckpointError, match="unexpected top-level keys"):
+        build_backbone("tiny8", weights=str(stray), freeze_bn=False)
+
+
 def test_unknown_backbone_names_the_choices():
     with pytest.raises(ConfigError, match="vgg16"):
         build_backbone("vgg19")
