@@ -172,6 +172,7 @@ class PretrainConfig:
 
     steps: int = 0                 # 0: no pre-training
     crop_size: int = 64            # crops are warped to this square size (R-CNN Sec. 2.1 warps to 227)
+    scales: list[int] = field(default_factory=list)   # each step resizes its batch to one of these (scale jitter)
     context: float = 0.15          # context kept around each box, as a fraction of its size per side
     batch_size: int = 64
     lr: float = 0.002              # AdamW, one-cycle schedule

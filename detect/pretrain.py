@@ -75,7 +75,7 @@ class CropClassifier(nn.Module):
         self.register_buffer("std", torch.tensor(backbone.pixel_std).view(1, 3, 1, 1))
 
     def forward(self, crops: Tensor) -> Tensor:
-        """(N, 3, S, S) uint8 crops -> (N, classes) logits."""
+        """(N, 3, S, S) crops, 0-255 (uint8 or float) -> (N, classes) logits."""
         x = (crops.float() / 255.0 - self.mean) / self.std
         return self.classifier(self.trunk(x).mean(dim=(2, 3)))
 
@@ -100,6 +100,10 @@ def pretrain_trunk(backbone: Backbone, records: list[ImageRecord], num_classes: 
     for _ in range(cfg.steps):
         pick = train[torch.randint(len(train), (min(cfg.batch_size, len(train)),), generator=generator)]
         x = crops[pick].to(device)
+        if cfg.scales:      # objects meet the detector at many sizes: train the trunk on several
+            side = cfg.scales[int(torch.randint(len(cfg.scales), (1,), generator=generator))]
+            if side != cfg.crop_size:
+                x = nn.functional.interpolate(x.float(), size=(side, side), mode="bilinear", align_corners=False)
         flip = (torch.rand(len(pick), generator=generator) < 0.5).to(device)
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
         loss = nn.functional.cross_entropy(net(x), labels[pick].to(device))

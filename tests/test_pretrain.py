@@ -40,7 +40,7 @@ def test_pretraining_learns_the_classes_and_changes_only_the_trunk(tmp_path):
     backbone, head = build_backbone("tiny8", freeze_bn=False)
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     head_before = {k: v.clone() for k, v in head.state_dict().items()}
-    cfg = PretrainConfig(steps=60, crop_size=32, batch_size=16, lr=0.003)
+    cfg = PretrainConfig(steps=60, crop_size=32, batch_size=16, lr=0.003, scales=[24, 32])
     result = pretrain_trunk(backbone, records, len(CLASSES), cfg, log=lambda *_: None)
     assert result["steps"] == 60 and result["crops"] == 36      # 39 non-difficult crops, a tenth held out
     assert result["accuracy"] == 1.0                               # the class is the colour of the box
