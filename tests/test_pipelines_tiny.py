@@ -129,7 +129,7 @@ def test_rcnn_tiny_synthetic_runs_all_four_stages(data, tmp_path):
 
 
 def _tool_sets(tmp_path):
-    sets = [f"data.root={tmp_path / 'synth'}", "data.synthetic_images=6", "train.max_iter=2", "train.eval_period=0",
+    sets = [f"data.root={tmp_path / 'synth'}", "data.synthetic_images=6", "train.max_iter=2", "train.eval_period=0", "pretrain.steps=0",
             "train.images_per_batch=2", "train.workers=0", "train.warmup_iters=1", "train.log_period=1",
             "model.input.min_size=[128]", "model.input.test_min_size=128", f"proposals.store={tmp_path / 'store'}",
             "proposals.mode=single", "fast_rcnn.compute_missing=true", "rcnn.compute_missing=true",

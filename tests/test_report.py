@@ -20,7 +20,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     base = tmp_path_factory.mktemp("analysis")
-    sets = [f"data.root={base / 'synth'}", "data.synthetic_images=12", "train.max_iter=4", "train.checkpoint_period=4",
+    sets = [f"data.root={base / 'synth'}", "data.synthetic_images=12", "train.max_iter=4", "pretrain.steps=0", "train.checkpoint_period=4",
             "train.eval_period=0", "train.images_per_batch=2", "train.workers=0", "train.warmup_iters=2",
             "train.log_period=2", "model.input.min_size=[160]", "model.input.test_min_size=160"]
     out = base / "run"

@@ -19,7 +19,7 @@ CONFIG = REPO / "configs" / "faster_rcnn" / "tiny_synthetic.yaml"
 
 
 def _overrides(root: Path) -> list[str]:
-    sets = [f"data.root={root}", "data.synthetic_images=12", "train.max_iter=4", "train.checkpoint_period=2",
+    sets = [f"data.root={root}", "data.synthetic_images=12", "train.max_iter=4", "pretrain.steps=0", "train.checkpoint_period=2",
             "train.eval_period=0", "train.images_per_batch=2", "train.workers=0", "train.warmup_iters=2",
             "train.log_period=2", "model.input.min_size=[160]", "model.input.test_min_size=160"]
     return [arg for s in sets for arg in ("--set", s)]
