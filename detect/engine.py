@@ -31,6 +31,7 @@ from detect import distributed
 from detect.config import Config, TrainConfig, config_to_dict
 from detect.data.loader import Batch, DetectionDataset, GroupedBatchSampler, eval_loader, train_loader
 from detect.errors import DetectError
+from detect.evaluation.results import detection_to_numpy
 from detect.runlog import MetricsLog, ProgressBar
 
 LOSS_NAMES = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box")
@@ -233,10 +234,7 @@ def evaluate(model: nn.Module, loader, *, device: torch.device, timings: dict | 
                 timings["total"] = timings.get("total", 0.0) + time.perf_counter() - start
                 timings["images"] = timings.get("images", 0) + len(images)
             for target, out in zip(batch.targets, outputs):
-                detections[target["image_id"]] = {
-                    "boxes": out["boxes"].detach().float().cpu().numpy().reshape(-1, 4),
-                    "scores": out["scores"].detach().float().cpu().numpy().reshape(-1),
-                    "labels": out["labels"].detach().cpu().numpy().astype(np.int64).reshape(-1)}
+                detections[target["image_id"]] = detection_to_numpy(out)
             bar.update(1)
         bar.close()
     model.train(was_training)

@@ -180,6 +180,8 @@ def predict_split(model: nn.Module, dataset, *, device: torch.device | str = "cp
     """
     import inspect
 
+    from detect.evaluation.results import detection_to_numpy
+
     params = inspect.signature(model.predict).parameters
     model.eval()
     detections = {}
@@ -201,9 +203,7 @@ def predict_split(model: nn.Module, dataset, *, device: torch.device | str = "cp
                 torch.cuda.synchronize()
             timings["total"] = timings.get("total", 0.0) + time.perf_counter() - start
             timings["images"] = timings.get("images", 0) + 1
-        detections[target["image_id"]] = {"boxes": det["boxes"].float().cpu().numpy().reshape(-1, 4),
-                                          "scores": det["scores"].float().cpu().numpy().reshape(-1),
-                                          "labels": det["labels"].cpu().numpy().astype("int64").reshape(-1)}
+        detections[target["image_id"]] = detection_to_numpy(det)
     return detections
 
 

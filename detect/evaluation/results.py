@@ -22,6 +22,13 @@ from detect.evaluation.voc import ClassDetections
 from detect.utils.io import atomic_open, atomic_write_json, read_json
 
 
+def detection_to_numpy(output: dict) -> dict:
+    """One image's ``predict`` output (tensors, any device) as the numpy dict every evaluator takes."""
+    return {"boxes": output["boxes"].detach().float().cpu().numpy().reshape(-1, 4),
+            "scores": output["scores"].detach().float().cpu().numpy().reshape(-1),
+            "labels": output["labels"].detach().cpu().numpy().astype(np.int64).reshape(-1)}
+
+
 def voc_results_path(out_dir: str | Path, split: str, class_name: str, prefix: str = "comp4") -> Path:
     return Path(out_dir) / f"{prefix}_det_{split}_{class_name}.txt"
 

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from detect.evaluation.results import detection_to_numpy
 from detect.utils.timing import use_clock
 
 # Faster R-CNN reports its stages as backbone / rpn / roi_heads.
@@ -92,9 +93,7 @@ def time_images(model, dataset, indices: Sequence[int], boxes_by_id: dict | None
             stage = STAGE_NAMES.get(name, name)
             sums[stage] = sums.get(stage, 0.0) + seconds * (1.0 if stage == "proposals" else scale)
         sums["images"] += 1
-        detections[image_id] = {"boxes": det["boxes"].float().cpu().numpy().reshape(-1, 4),
-                                "scores": det["scores"].float().cpu().numpy().reshape(-1),
-                                "labels": det["labels"].cpu().numpy().astype("int64").reshape(-1)}
+        detections[image_id] = detection_to_numpy(det)
     return detections, sums
 
 
