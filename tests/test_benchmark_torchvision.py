@@ -1,5 +1,6 @@
 """tools/benchmark_torchvision.py: both detectors build alike, a measurement runs, the table prints."""
 
+import pytest
 import torch
 
 from detect.cli import benchmark_torchvision as bench
@@ -35,3 +36,22 @@ def test_speed_measurement_and_table(tmp_path):
             rows.append(["tiny", f"{model} {phase}", f"{result['images_per_s']:.2f}", "1", "1x"])
     text = bench.table(rows, "header")
     assert text.count("\n| tiny |") == 4 and "ours / torchvision" in text
+
+
+def test_accuracy_rows_average_seeds_and_count_wins():
+    runs = [dict(iterations=10, ours=0.8, torchvision=0.7, ours_minutes=1.0, torchvision_minutes=2.0),
+            dict(iterations=10, ours=0.6, torchvision=0.65, ours_minutes=3.0, torchvision_minutes=2.0)]
+    mAP, minutes = bench.accuracy_rows("tiny on x", runs)
+    assert mAP[2].startswith("0.7000 (0.800, 0.600)") and mAP[3].startswith("0.6750 (0.700, 0.650)")
+    assert mAP[4] == f"{0.7 / 0.675:.2f}x, ours >= in 1/2" and "mean of 2 seeds" in mAP[1]
+    assert minutes[2:] == ["2.0", "2.0", "1.00x"]
+    single, _ = bench.accuracy_rows("tiny on x", runs[:1])
+    assert single[2] == "0.8000" and single[4] == f"{0.8 / 0.7:.2f}x"
+
+
+def test_accuracy_mode_rejects_bad_seeds(tmp_path):
+    args = bench.parse_args(["--mode", "accuracy", "--seeds", "1,x", "--data-root", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--seeds"):
+        bench.accuracy(args, "tiny")
+    args = bench.parse_args(["--mode", "accuracy", "--seeds", "0", "--data-root", str(tmp_path)])
+    assert bench.accuracy(args, "tiny") == []          # no dataset there: skipped, nothing measured

@@ -71,6 +71,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2, help="speed: measurements per detector (best counts)")
     parser.add_argument("--datasets", default="bccd,raccoon", help="accuracy: dataset names under ../shared/data")
     parser.add_argument("--max-iter", type=int, default=3000, help="accuracy: SGD iterations per detector")
+    parser.add_argument("--seeds", default="0",
+                        help="accuracy: comma-separated seeds (initial weights and batch order); the mean counts")
+    parser.add_argument("--data-root", type=Path, default=DATA,
+                        help="accuracy: folder holding the datasets (default: ../shared/data beside the checkout)")
     parser.add_argument("--out", type=Path, default=Path("runs") / "benchmark_torchvision.md")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -225,20 +229,40 @@ def speed(args: argparse.Namespace, setting: str, root: Path) -> list[list[str]]
 def accuracy(args: argparse.Namespace, setting: str) -> list[list[str]]:
     from detect.cli.torchvision_twin import train_and_test_pair
 
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
+    if not seeds:
+        raise SystemExit("--seeds: give at least one seed")
     rows = []
     for name in [d for d in args.datasets.split(",") if d]:
-        root = DATA / name
+        root = args.data_root / name
         if not (root / "Annotations").is_dir():
             print(f"  {name}: {root} is missing, skipped")
             continue
-        result = train_and_test_pair(setting, root, args)
-        rows.append([f"{setting} on {name}", f"VOC07 mAP (test, {result['iterations']} iterations)",
-                     f"{result['ours']:.4f}", f"{result['torchvision']:.4f}",
-                     f"{result['ours'] / max(result['torchvision'], 1e-9):.2f}x"])
-        rows.append([f"{setting} on {name}", "training minutes", f"{result['ours_minutes']:.1f}",
-                     f"{result['torchvision_minutes']:.1f}",
-                     f"{result['ours_minutes'] / max(result['torchvision_minutes'], 1e-9):.2f}x"])
+        runs = [train_and_test_pair(setting, root, args, seed=seed) for seed in seeds]
+        rows += accuracy_rows(f"{setting} on {name}", runs)
     return rows
+
+
+def accuracy_rows(label: str, runs: list[dict]) -> list[list[str]]:
+    """Table rows of one dataset: the mean over seeds, with each seed's value beside it."""
+    def mean(key: str) -> float:
+        return sum(r[key] for r in runs) / len(runs)
+
+    def each(key: str) -> str:
+        return "" if len(runs) == 1 else " (" + ", ".join(f"{r[key]:.3f}" for r in runs) + ")"
+
+    what = f"VOC07 mAP (test, {runs[0]['iterations']} iterations"
+    what += f", mean of {len(runs)} seeds)" if len(runs) > 1 else ")"
+    o, t = mean("ours"), mean("torchvision")
+    wins = sum(r["ours"] >= r["torchvision"] for r in runs)
+    ratio = f"{o / max(t, 1e-9):.2f}x" + (f", ours >= in {wins}/{len(runs)}" if len(runs) > 1 else "")
+    om, tm = mean("ours_minutes"), mean("torchvision_minutes")
+    return [[label, what, f"{o:.4f}{each('ours')}", f"{t:.4f}{each('torchvision')}", ratio],
+            [label, "training minutes" + (" (mean)" if len(runs) > 1 else ""), f"{om:.1f}", f"{tm:.1f}",
+             f"{om / max(tm, 1e-9):.2f}x"]]
 
 
 def table(rows: list[list[str]], header: str) -> str:
