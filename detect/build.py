@@ -7,7 +7,7 @@ backbone, anchors, RPN, RoI head.
 from __future__ import annotations
 
 from torch import nn
-from torchvision.ops import RoIAlign, RoIPool
+from torchvision.ops import RoIAlign
 
 from detect.anchors import AnchorGenerator
 from detect.backbones import build_backbone
@@ -17,6 +17,7 @@ from detect.errors import ConfigError
 from detect.faster_rcnn import FasterRCNN
 from detect.matching import BalancedSampler, Matcher
 from detect.roi_heads import FastRCNNPredictor, RoIHead
+from detect.roi_pool import RoIPool
 from detect.rpn import RegionProposalNetwork, RPNHead
 from detect.transforms import DetectionTransform
 

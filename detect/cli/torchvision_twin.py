@@ -19,7 +19,7 @@ from torchvision.models.detection import FasterRCNN as TVFasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor as TVPredictor
 from torchvision.models.detection.rpn import RPNHead as TVRPNHead
-from torchvision.ops import MultiScaleRoIAlign, RoIAlign
+from torchvision.ops import MultiScaleRoIAlign, RoIAlign, RoIPool
 
 from detect.config import Config
 from detect.errors import ConfigError
@@ -38,11 +38,18 @@ class _Trunk(nn.Module):
 
 
 class _PoolAdapter(nn.Module):
-    """torchvision's ``MultiScaleRoIAlign`` call signature around a single-level pooler (RoIPool)."""
+    """torchvision's ``MultiScaleRoIAlign`` call signature around a single-level torchvision pooler.
+
+    Ours pools with :class:`detect.roi_pool.RoIPool` (same output, its own CPU inference
+    path); the twin gets torchvision's own op with the same arguments.
+    """
 
     def __init__(self, pooler: nn.Module) -> None:
         super().__init__()
-        self.pooler = copy.deepcopy(pooler)
+        if isinstance(pooler, RoIPool):
+            self.pooler = RoIPool(pooler.output_size, pooler.spatial_scale)
+        else:
+            self.pooler = RoIAlign(pooler.output_size, pooler.spatial_scale, pooler.sampling_ratio, pooler.aligned)
 
     def forward(self, features: dict[str, Tensor], proposals: list[Tensor], image_shapes) -> Tensor:
         return self.pooler(features["0"], proposals)
