@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from detect.anchors import AnchorGenerator
 from detect.boxes import BoxCoder
@@ -22,10 +23,13 @@ def make_rpn(*, sizes=(32.0,), ratios=(1.0,), stride=16, batch=256, allowed_bord
         allowed_border=allowed_border, pre_nms_top_n=pre, post_nms_top_n=post, nms_thresh=nms, min_size=min_size)
 
 
-def test_head_outputs_follow_anchor_order():
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_head_outputs_follow_anchor_order(memory_format):
     head = RPNHead(in_channels=4, channels=6, num_anchors=3)
+    for layer in (head.cls_logits, head.bbox_pred):
+        nn.init.normal_(layer.bias)
     features = torch.rand(2, 4, 5, 7)
-    logits, deltas = head(features)
+    logits, deltas = head.to(memory_format=memory_format)(features.contiguous(memory_format=memory_format))
     assert logits.shape == (2, 5 * 7 * 3) and deltas.shape == (2, 5 * 7 * 3, 4)
     raw_logits = head.cls_logits(F.relu(head.conv(features)))        # (N, k, H, W)
     raw_deltas = head.bbox_pred(F.relu(head.conv(features)))         # (N, 4k, H, W)
