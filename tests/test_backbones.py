@@ -68,6 +68,10 @@ def test_conv1x1_equals_a_1x1_convolution_forward_and_backward():
     torch.nn.functional.conv2d(x, weight, bias).square().sum().backward()
     for ours, ref in zip(grads, (x.grad, weight.grad, bias.grad)):
         assert torch.allclose(ours, ref, atol=1e-4)
+    # a channels-last input (RoI features of the CPU inference pooling) is multiplied in place, output channels-last
+    cl = x.detach().contiguous(memory_format=torch.channels_last)
+    got = fast(cl)
+    assert got.is_contiguous(memory_format=torch.channels_last) and torch.allclose(got, out, atol=1e-5)
 
 
 def test_trainable_batchnorm_of_tiny8_folds_with_its_running_statistics():
