@@ -112,6 +112,10 @@ def roi_max_pool(features: Tensor, rois: Tensor | list[Tensor], output_size: int
     out = features.new_empty(k, ph, pw, c)
     if k == 0 or h == 0 or w == 0:
         return out.zero_().permute(0, 3, 1, 2)
+    image = rois[:, 0].long()
+    if int(image.min()) < 0 or int(image.max()) >= n:
+        raise ValueError(f"RoI batch indices must lie in [0, {n}) for {n} feature map(s), got "
+                         f"{int(image.min())}..{int(image.max())}")
     ys, ye, xs, xe = bin_edges(rois, (ph, pw), spatial_scale, h, w)
     ky, kx = _floor_log2((ye - ys).clamp(min=1)), _floor_log2((xe - xs).clamp(min=1))
     levels_y, levels_x = int(ky.max()) + 1, int(kx.max()) + 1
@@ -126,7 +130,7 @@ def roi_max_pool(features: Tensor, rois: Tensor | list[Tensor], output_size: int
     corners[:, empty] = levels_y * levels_x * h * w
     flat = out.view(-1, c)
     block = max(1, min(c, _TABLE_BYTES // (levels_y * levels_x * h * w * out.element_size())))
-    for b, rows in _rows_per_image(rois[:, 0].long(), n, ph * pw):
+    for b, rows in _rows_per_image(image, n, ph * pw):
         index = corners[:, rows]
         if index.shape[1] == 0:
             continue

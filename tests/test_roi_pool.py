@@ -1,5 +1,6 @@
 """detect.roi_pool: the range-maximum RoI pooling equals torchvision's RoIPool bit for bit."""
 
+import pytest
 import torch
 from torchvision.ops import roi_pool as tv_roi_pool
 
@@ -41,6 +42,11 @@ def test_channel_blocks_channels_last_and_list_input(monkeypatch):
     monkeypatch.setattr(rp, "_TABLE_BYTES", 20 * 27 * 4 * 4)   # forces blocks of a few channels
     monkeypatch.setattr(rp, "_CHUNK", 5)                      # and many gather chunks
     assert torch.equal(rp.roi_max_pool(features, boxes, 7, 0.125), expected)
+
+
+def test_batch_index_out_of_range_is_an_error():
+    with pytest.raises(ValueError, match=r"batch indices must lie in \[0, 2\)"):
+        rp.roi_max_pool(torch.randn(2, 3, 8, 8), torch.tensor([[2.0, 0.0, 0.0, 4.0, 4.0]]), 2, 1.0)
 
 
 def test_no_rois_and_bins_outside_the_map():

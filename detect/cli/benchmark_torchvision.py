@@ -279,7 +279,9 @@ def run(args: argparse.Namespace) -> str:
 
     settings = args.setting or ["tiny"]
     rows: list[list[str]] = []
-    threads = args.threads or torch.get_num_threads()
+    if args.threads:              # the accuracy mode trains here; speed workers set their own
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         if args.mode == "speed":
             root = generate_synthetic(Path(tmp) / "images", num_images=max(3, 2 * args.images), seed=0,
