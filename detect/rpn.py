@@ -41,17 +41,22 @@ class RPNHead(nn.Module):
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """(N, C, H, W) -> objectness logits (N, H*W*k) and deltas (N, H*W*k, 4), anchor order.
 
-        The two sibling 1x1 convolutions run as one matrix product over the positions
-        (channels last), which lands both outputs directly in anchor order: on the CPU
-        oneDNN sends such narrow 1x1 convolutions down its slow reference path.
+        On a channels-last map (after ``prepare_for_inference``) the two sibling 1x1
+        convolutions run as one matrix product over the positions, which lands both
+        outputs in anchor order with no copy (oneDNN would send such narrow 1x1
+        convolutions down its reference path and convert the layout both ways).
         """
         x = F.relu(self.conv(features))
         n, c, h, w = x.shape
         k = self.cls_logits.out_channels
-        weight = torch.cat([self.cls_logits.weight, self.bbox_pred.weight]).view(5 * k, c)
-        bias = torch.cat([self.cls_logits.bias, self.bbox_pred.bias])
-        out = F.linear(x.permute(0, 2, 3, 1).reshape(n, h * w, c), weight, bias)     # (N, H*W, 5k)
-        return out[..., :k].reshape(n, -1), out[..., k:].reshape(n, -1, 4)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            weight = torch.cat([self.cls_logits.weight, self.bbox_pred.weight]).view(5 * k, c)
+            bias = torch.cat([self.cls_logits.bias, self.bbox_pred.bias])
+            out = F.linear(x.permute(0, 2, 3, 1).reshape(n, h * w, c), weight, bias)     # (N, H*W, 5k)
+            return out[..., :k].reshape(n, -1), out[..., k:].reshape(n, -1, 4)
+        logits = self.cls_logits(x).permute(0, 2, 3, 1).reshape(n, -1)
+        deltas = self.bbox_pred(x).view(n, k, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4)
+        return logits, deltas
 
 
 def rpn_loss(logits: Tensor, deltas: Tensor, labels: Tensor, target_deltas: Tensor, *,
