@@ -4,6 +4,11 @@
 
 One command that exercises the whole toolkit on a CPU in minutes: the same code paths
 as ``tools/train.py``, ``tools/test.py`` and ``tools/demo.py``, called in turn.
+
+On a CPU with at least two cores, training runs as ``torchrun --standalone`` with one
+process per image of the batch (DistributedDataParallel over gloo, one thread each):
+two single-thread processes train the tiny detector ~1.2x faster than one process on
+two threads. ``--processes 1`` trains in this process instead.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,7 +34,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--processes", type=int, default=0,
+                        help="training processes (0: one per image of the batch, up to the CPU cores; CPU only)")
     return parser.parse_args(argv)
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children (the training processes)."""
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def training_processes(requested: int, device: str, images_per_batch: int, cores: int | None) -> int:
+    """How many processes train: ``requested``, or (0) one per batch image up to the cores; 1 off the CPU."""
+    if device == "cuda" or (device == "auto" and __import__("torch").cuda.is_available()):
+        return 1
+    if requested:
+        return requested
+    return max(1, min(images_per_batch, cores or 1))
+
+
+def train_in_processes(train_args: list[str], processes: int, cores: int) -> None:
+    """``tools/train.py`` under ``torchrun --standalone``, each process on its share of the cores."""
+    from detect.errors import DetectError
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, cores // processes)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               "-m", "detect.cli.train", *train_args]
+    if subprocess.run(command, env=env).returncode != 0:
+        raise DetectError(f"training failed in {processes} processes (see above); "
+                          f"--processes 1 trains in one process")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -36,16 +74,22 @@ def run(args: argparse.Namespace) -> dict:
     from detect.data.loader import ensure_synthetic
     from detect.data.voc import find_image, read_split
 
-    start, cpu_start = time.perf_counter(), time.process_time()
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     cfg = load_config(args.config, args.overrides)
     root = ensure_synthetic(cfg.data)
     print(f"[1/4] synthetic dataset: {root}")
 
     print("[2/4] training")
     train_dir = args.out / "train"
-    train.run(train.parse_args(["--config", str(args.config), "--out", str(train_dir), "--overwrite", "--no-test",
-                                "--device", args.device, *(f"--set={o}" for o in args.overrides),
-                                *(["--no-progress"] if args.no_progress else [])]))
+    train_args = ["--config", str(args.config), "--out", str(train_dir), "--overwrite", "--no-test",
+                  "--device", args.device, *(f"--set={o}" for o in args.overrides),
+                  *(["--no-progress"] if args.no_progress else [])]
+    cores = os.cpu_count() or 1
+    processes = training_processes(args.processes, args.device, cfg.train.images_per_batch, cores)
+    if processes > 1:
+        train_in_processes(train_args, processes, cores)
+    else:
+        train.run(train.parse_args(train_args))
 
     print("[3/4] testing")
     checkpoint = train_dir / "model_final.pt"
@@ -66,7 +110,7 @@ def run(args: argparse.Namespace) -> dict:
 
     mean_ap = report["metrics"]["voc07"]["mAP"]
     minutes = (time.perf_counter() - start) / 60
-    cpu_minutes = (time.process_time() - cpu_start) / 60
+    cpu_minutes = (_cpu_seconds() - cpu_start) / 60
     print(f"\nVOC07 mAP@0.5 on the synthetic test split: {mean_ap:.4f}  ({minutes:.1f} min, {cpu_minutes:.1f} CPU min)")
     print(f"drawn detections: {drawn}/  (detections.json, detections.csv)")
     return {"mAP": mean_ap, "minutes": minutes, "cpu_minutes": cpu_minutes, "demo": drawn}

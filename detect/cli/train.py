@@ -12,6 +12,7 @@ is evaluated on the test split and its VOC07 mAP printed.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -145,11 +146,19 @@ def run(args: argparse.Namespace) -> dict:
     else:
         model = build()
         if resume is None and cfg.pretrain.steps:
-            # Every rank runs the same seeded pre-training (DDP also starts from rank 0's weights).
+            # Rank 0 pre-trains alone, with the threads of every process on its node (the others wait);
+            # DistributedDataParallel then starts every rank from rank 0's weights and buffers.
             from detect.pretrain import pretrain_trunk
 
-            pretrain_trunk(model.backbone, train_set.records, len(train_set.class_names), cfg.pretrain,
-                           device=info.device, log=log if distributed.is_main() else (lambda *_: None))
+            if distributed.is_main():
+                threads = torch.get_num_threads()
+                torch.set_num_threads(threads * int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+                try:
+                    pretrain_trunk(model.backbone, train_set.records, len(train_set.class_names), cfg.pretrain,
+                                   device=info.device, log=log)
+                finally:
+                    torch.set_num_threads(threads)
+            distributed.barrier()
         result = fit(model, train_set, cfg, out_dir=out, device=info.device, val_set=val_set, resume=resume,
                      log=log, progress=not args.no_progress)
 

@@ -1,0 +1,26 @@
+"""make demo's driver (detect.cli.quickstart): process count, and a whole short run in two training processes."""
+
+import json
+
+from detect.cli import quickstart
+
+
+def test_training_processes():
+    assert quickstart.training_processes(0, "cpu", images_per_batch=2, cores=2) == 2
+    assert quickstart.training_processes(0, "cpu", images_per_batch=2, cores=16) == 2   # one per batch image
+    assert quickstart.training_processes(0, "cpu", images_per_batch=4, cores=1) == 1
+    assert quickstart.training_processes(1, "cpu", images_per_batch=2, cores=2) == 1
+    assert quickstart.training_processes(0, "cuda", images_per_batch=2, cores=8) == 1
+
+
+def test_short_demo_trains_in_two_processes(tmp_path, capsys):
+    out = tmp_path / "qs"
+    code = quickstart.main(["--out", str(out), "--no-progress", "--processes", "2",
+                            "--set", "data.synthetic_images=30", "--set", f"data.root={tmp_path / 'data'}",
+                            "--set", "train.max_iter=4", "--set", "pretrain.steps=2",
+                            "--set", "train.checkpoint_period=0"])
+    assert code == 0
+    assert (out / "train" / "model_final.pt").is_file()
+    detections = json.loads((out / "demo" / "detections.json").read_text())
+    assert len(detections["images"]) == len(list((out / "test_images").iterdir())) > 0
+    assert "VOC07 mAP@0.5 on the synthetic test split" in capsys.readouterr().out
