@@ -6,11 +6,11 @@ One command that exercises the whole toolkit on a CPU in minutes: the same code 
 as ``tools/train.py``, ``tools/test.py`` and ``tools/demo.py``, called in turn.
 
 ``--processes N`` trains in N single-thread processes instead (``torchrun --standalone``,
-DistributedDataParallel over gloo, the batch's images split between them): on 2 cores two
+DistributedDataParallel over gloo, the batch's images split between them). On 2 cores two
 processes train the tiny detector ~1.15x faster than one process on two threads (27.6 vs
-~24 images/s), but each BatchNorm then normalises one image instead of the batch, and the
-demo recipe reached VOC07 0.870 that way instead of 0.905 (2026-11-27). So the default is
-one process.
+~24 images/s), but the demo recipe then reached VOC07 0.870 instead of 0.905 (one run,
+2026-11-27; most likely because each BatchNorm normalises one image instead of the
+batch's two). So the default is one process.
 """
 
 from __future__ import annotations
