@@ -51,7 +51,9 @@ def _cpu_seconds() -> float:
 
 def training_processes(requested: int, device: str, images_per_batch: int, cores: int | None) -> int:
     """How many processes train: ``requested``, or (0) one per batch image up to the cores; 1 off the CPU."""
-    if device == "cuda" or (device == "auto" and __import__("torch").cuda.is_available()):
+    import torch
+
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
         return 1
     if requested:
         return requested
