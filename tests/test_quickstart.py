@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from detect.cli import quickstart
 
 
@@ -11,6 +13,12 @@ def test_training_processes():
     assert quickstart.training_processes(0, "cpu", images_per_batch=4, cores=1) == 1
     assert quickstart.training_processes(1, "cpu", images_per_batch=2, cores=2) == 1
     assert quickstart.training_processes(0, "cuda", images_per_batch=2, cores=8) == 1
+
+
+def test_negative_process_count_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        quickstart.parse_args(["--processes", "-1"])
+    assert "--processes must be 0 or more, got -1" in capsys.readouterr().err
 
 
 def test_short_demo_trains_in_two_processes(tmp_path, capsys):

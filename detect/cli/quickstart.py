@@ -38,7 +38,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--processes", type=int, default=1,
                         help="training processes (CPU: torchrun; 0: one per image of the batch, up to the cores)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.processes < 0:
+        parser.error(f"--processes must be 0 or more, got {args.processes}")
+    return args
 
 
 def _cpu_seconds() -> float:
