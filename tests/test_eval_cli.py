@@ -1,8 +1,11 @@
 """tools/eval.py on the real VOC-format datasets and on COCO files, against independent oracles."""
 
 import contextlib
+import copy
 import io
 import json
+import math
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,83 @@ from detect.evaluation.results import write_voc_results
 from tests.devkit_reference import devkit_ap
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+
+
+def coco_from_voc_xml(root: Path, split: str, names: list[str] | None = None) -> dict:
+    """The test's own VOC -> COCO conversion, read straight from the XML (no detect code).
+
+    COCO's ``[x, y, w, h]`` of VOC's 1-based inclusive ``(xmin, ymin, xmax, ymax)`` is
+    ``[xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1]``; difficult objects are crowd
+    regions. Ids are deliberately not the library's (images 1001.., categories 11, 21, ..)
+    so that nothing below can lean on them matching.
+    """
+    lines = (root / "ImageSets" / "Main" / f"{split}.txt").read_text().splitlines()
+    ids = [line.split()[0] for line in lines if line.strip()]
+    parsed = {i: ET.parse(root / "Annotations" / f"{i}.xml").getroot() for i in ids}
+    if names is None:
+        names = sorted({o.findtext("name").strip() for r in parsed.values() for o in r.iter("object")})
+    cat_id = {name: 10 * k + 11 for k, name in enumerate(names)}
+    images, annotations = [], []
+    for n, voc_id in enumerate(ids):
+        xml = parsed[voc_id]
+        width, height = (int(float(xml.findtext(f"size/{t}"))) for t in ("width", "height"))
+        images.append({"id": 1001 + n, "file_name": xml.findtext("filename"), "voc_id": voc_id,
+                       "width": width, "height": height})
+        for obj in xml.iter("object"):
+            xmin, ymin, xmax, ymax = (float(obj.findtext(f"bndbox/{t}")) for t in ("xmin", "ymin", "xmax", "ymax"))
+            assert 1 <= xmin <= xmax <= width and 1 <= ymin <= ymax <= height   # no clipping to reproduce
+            w, h = xmax - xmin + 1, ymax - ymin + 1
+            crowd = int((obj.findtext("difficult") or "0").strip() == "1")
+            annotations.append({"id": len(annotations) + 1, "image_id": 1001 + n,
+                                "category_id": cat_id[obj.findtext("name").strip()],
+                                "bbox": [xmin - 1, ymin - 1, w, h], "area": w * h, "iscrowd": crowd})
+    categories = [{"id": cat_id[name], "name": name} for name in names]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def coco_results_from_voc_files(det_dir: Path, split: str, gt: dict) -> list[dict]:
+    """The test's own reading of VOC results files (``id score xmin ymin xmax ymax``) as COCO results of ``gt``."""
+    image_of = {im["voc_id"]: im["id"] for im in gt["images"]}
+    results = []
+    for cat in gt["categories"]:
+        for line in (det_dir / f"comp4_det_{split}_{cat['name']}.txt").read_text().splitlines():
+            voc_id, score, xmin, ymin, xmax, ymax = line.split()
+            x, y = float(xmin) - 1, float(ymin) - 1
+            results.append({"image_id": image_of[voc_id], "category_id": cat["id"], "score": float(score),
+                            "bbox": [x, y, float(xmax) - x, float(ymax) - y]})
+    return results
+
+
+def pycocotools_numbers(gt: dict, results: list[dict]) -> tuple[list[float], dict[str, float]]:
+    """COCOeval called directly: its 12 stats, and per category AP@[.5:.95] (COCOeval run on that category alone)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = copy.deepcopy(gt)
+        coco_gt.createIndex()
+        coco_dt = coco_gt.loadRes(copy.deepcopy(results))
+
+        def run(cat_ids=None):
+            evaluator = COCOeval(coco_gt, coco_dt, "bbox")
+            if cat_ids is not None:
+                evaluator.params.catIds = cat_ids
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+            return [float(v) for v in evaluator.stats]
+
+        stats = run()
+        per_class = {cat["name"]: run([cat["id"]])[0] for cat in gt["categories"]}
+    return stats, {name: (math.nan if ap == -1 else ap) for name, ap in per_class.items()}
+
+
+def assert_coco_numbers(ours: dict, stats: list[float], per_class: dict[str, float]) -> None:
+    assert [ours["stats"][k] for k in STAT_NAMES] == pytest.approx(stats, abs=1e-9)
+    assert ours["mAP"] == pytest.approx(stats[0], abs=1e-9)
+    got = {name: (math.nan if ap is None else ap) for name, ap in ours["per_class"].items()}
+    assert got == pytest.approx(per_class, abs=1e-9, nan_ok=True)
 
 
 def noisy_detections(records, num_classes, seed):
@@ -76,39 +156,53 @@ def test_voc_files_give_devkit_map_on_real_datasets(name, tmp_path):
 
 @pytest.mark.parametrize("name", ["bccd", "raccoon"])
 def test_coco_files_give_pycocotools_numbers(name, tmp_path):
+    """Catches a converter that moves boxes or mixes up images/classes, and a wrong COCO metric or per-class AP.
+
+    The oracle is pycocotools on ground truth the test reads from the XML itself and on
+    results made from that ground truth; the tool gets the converter's JSON (ids mapped).
+    """
     root = SHARED / name
     if not root.is_dir():
         pytest.skip(f"{root} not present")
-    gt_path = tmp_path / "gt.json"
-    voc_to_coco(root, "test", gt_path, classes="auto")
-    gt = json.loads(gt_path.read_text())
+    own = coco_from_voc_xml(root, "test")
     rng = np.random.default_rng(3)
     results = []
-    for ann in gt["annotations"]:
+    for ann in own["annotations"]:
         for _ in range(2):
             x, y, w, h = ann["bbox"]
             results.append({"image_id": ann["image_id"], "category_id": ann["category_id"],
                             "bbox": [x + rng.normal(0, 3), y + rng.normal(0, 3), max(w + rng.normal(0, 4), 1.0),
                                      max(h + rng.normal(0, 4), 1.0)], "score": float(rng.random())})
+    stats, per_class = pycocotools_numbers(own, results)
+    assert 0.2 < stats[0] < 0.9 and all(0 < ap < 1 for ap in per_class.values())   # neither trivial nor perfect
+
+    gt_path = tmp_path / "gt.json"
+    voc_to_coco(root, "test", gt_path, classes="auto")
+    converted = json.loads(gt_path.read_text())
+    image_of = {im["voc_id"]: im["id"] for im in converted["images"]}
+    cat_of = {c["name"]: c["id"] for c in converted["categories"]}
+    own_image = {im["id"]: im["voc_id"] for im in own["images"]}
+    own_cat = {c["id"]: c["name"] for c in own["categories"]}
+    mapped = [{**r, "image_id": image_of[own_image[r["image_id"]]], "category_id": cat_of[own_cat[r["category_id"]]]}
+              for r in results]
     res_path = tmp_path / "res.json"
-    res_path.write_text(json.dumps(results))
+    res_path.write_text(json.dumps(mapped))
     out = tmp_path / "coco.json"
     assert eval_main(["--coco", str(gt_path), "--detections", str(res_path), "--metric", "coco", "--json", str(out)]) == 0
-    ours = json.loads(out.read_text())
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO(str(gt_path))
-        evaluator = COCOeval(coco_gt, coco_gt.loadRes(str(res_path)), "bbox")
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    names = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
-    assert [ours["stats"][k] for k in names] == pytest.approx(list(evaluator.stats), abs=1e-6)
-    assert ours["mAP"] == pytest.approx(evaluator.stats[0], abs=1e-6)
-    assert set(ours["per_class"]) == {c["name"] for c in gt["categories"]}
+    assert_coco_numbers(json.loads(out.read_text()), stats, per_class)
 
 
 def test_voc_split_evaluated_with_coco_metric_equals_pycocotools(tmp_path, voc_tree):
-    root, records, names = voc_tree
+    """Catches COCO numbers off pycocotools' (halved, per-class APs swapped) and boxes moved by records_to_coco.
+
+    The oracle is pycocotools on the test's own COCO version of the VOC XML (difficult objects
+    as crowd regions) and of the results files the tool reads.
+    """
+    root, _, names = voc_tree
+    for image in ("img0", "img3"):      # the fixture drew no difficult object: make the first of two difficult
+        xml = root / "Annotations" / f"{image}.xml"
+        xml.write_text(xml.read_text().replace("<difficult>0</difficult>", "<difficult>1</difficult>", 1))
+    records = VOCDataset(root, "test", classes=names).records
     dets = noisy_detections(records, len(names), seed=5)
     write_voc_results(tmp_path / "d", dets, names, "test")
     out = tmp_path / "all.json"
@@ -116,7 +210,11 @@ def test_voc_split_evaluated_with_coco_metric_equals_pycocotools(tmp_path, voc_t
                       "--classes", ",".join(names), "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert set(result) == {"metric", "voc07", "voc10", "coco"}
-    assert 0.0 < result["coco"]["mAP"] <= 1.0
+    own = coco_from_voc_xml(root, "test", names)
+    assert sum(a["iscrowd"] for a in own["annotations"]) == 2      # the difficult -> crowd rule is exercised
+    stats, per_class = pycocotools_numbers(own, coco_results_from_voc_files(tmp_path / "d", "test", own))
+    assert 0.05 < stats[0] < 0.95 and len(set(per_class.values())) == len(names)    # distinct, non-trivial APs
+    assert_coco_numbers(result["coco"], stats, per_class)
     assert result["voc07"]["mAP"] == pytest.approx(float(np.mean(oracle(records, dets, names, True))), abs=1e-9)
 
 
