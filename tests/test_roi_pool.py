@@ -1,5 +1,7 @@
 """detect.roi_pool: the range-maximum RoI pooling equals torchvision's RoIPool bit for bit."""
 
+import math
+
 import pytest
 import torch
 from torchvision.ops import roi_pool as tv_roi_pool
@@ -22,6 +24,61 @@ def _random_case(gen: torch.Generator, trial: int):
     rois = torch.cat([torch.randint(0, n, (k, 1), generator=gen).float(), boxes], dim=1)
     size = tuple(int(v) for v in torch.randint(1, 8, (2,), generator=gen))
     return features, rois, size, scale
+
+
+def _c_round(v: float) -> int:
+    return math.floor(v + 0.5) if v >= 0 else math.ceil(v - 0.5)
+
+
+def reference_roi_pool(features: torch.Tensor, rois: torch.Tensor, output_size: tuple[int, int], scale: float):
+    """RoI max pooling bin by bin, as torchvision's kernel documents it, in plain Python and torch.
+
+    Float64 only (Python floats are doubles, so the bin edges are the kernel's exactly). Returns the
+    (K, C, ph, pw) output and a function mapping an upstream gradient of that shape to the gradient
+    of ``features``: each bin's gradient goes to its first maximum (row-major), none from empty bins.
+    """
+    assert features.dtype == rois.dtype == torch.float64
+    ph, pw = output_size
+    n, c, h, w = features.shape
+    out = features.new_zeros(len(rois), c, ph, pw)
+    targets = []                           # (roi, bin row, bin col, flat index into features) per bin
+    for k, (b, *corners) in enumerate(rois.tolist()):
+        x1, y1, x2, y2 = (_c_round(v * scale) for v in corners)
+        bin_h, bin_w = max(y2 - y1 + 1, 1) / ph, max(x2 - x1 + 1, 1) / pw
+        for i in range(ph):
+            ys = min(max(math.floor(i * bin_h) + y1, 0), h)
+            ye = min(max(math.ceil((i + 1) * bin_h) + y1, 0), h)
+            for j in range(pw):
+                xs = min(max(math.floor(j * bin_w) + x1, 0), w)
+                xe = min(max(math.ceil((j + 1) * bin_w) + x1, 0), w)
+                if ye <= ys or xe <= xs:
+                    continue                                   # empty bin: 0, and no gradient
+                value, pos = features[int(b), :, ys:ye, xs:xe].reshape(c, -1).max(dim=1)
+                out[k, :, i, j] = value
+                flat = int(b) * c * h * w + torch.arange(c) * h * w + (ys + pos // (xe - xs)) * w + xs + pos % (xe - xs)
+                targets.append((k, i, j, flat))
+
+    def backward(upstream: torch.Tensor) -> torch.Tensor:
+        grad = torch.zeros(n * c * h * w, dtype=upstream.dtype)
+        for k, i, j, flat in targets:
+            grad.index_add_(0, flat, upstream[k, :, i, j])
+        return grad.view(n, c, h, w)
+
+    return out, backward
+
+
+def test_reference_is_a_max_pool():
+    """The hand-built reference itself, on a case worked out by hand."""
+    features = torch.arange(16, dtype=torch.float64).view(1, 1, 4, 4)
+    rois = torch.tensor([[0.0, 0.0, 0.0, 3.0, 3.0], [0.0, 2.0, 1.0, 2.0, 1.0]], dtype=torch.float64)
+    out, backward = reference_roi_pool(features, rois, (2, 2), 1.0)
+    assert out[0, 0].tolist() == [[5.0, 7.0], [13.0, 15.0]]
+    assert out[1, 0].tolist() == [[6.0, 6.0], [6.0, 6.0]]       # a one-cell RoI: every bin is that cell
+    grad = backward(torch.ones(2, 1, 2, 2, dtype=torch.float64))
+    expected = torch.zeros(16, dtype=torch.float64)
+    expected[[5, 7, 13, 15]] = 1.0
+    expected[6] = 4.0
+    assert torch.equal(grad.view(-1), expected)
 
 
 def test_equals_torchvision_on_random_inputs():
@@ -57,34 +114,53 @@ def test_no_rois_and_bins_outside_the_map():
     assert torch.equal(tv_roi_pool(features, far, 2, 1.0), torch.zeros(1, 4, 2, 2))
 
 
-def test_gradients_equal_torchvision():
+def test_training_and_inference_paths_equal_a_hand_built_max_pool():
+    """Catches a broken roi_max_pool (the inference path) and a broken backward (the training path).
+
+    Both paths of the module are compared with :func:`reference_roi_pool`, not with torchvision
+    (the training path *is* torchvision's kernel). ReLU'd maps have ties (zeros): the gradient goes
+    to the first maximum.
+    """
     gen = torch.Generator().manual_seed(5)
     pool = rp.RoIPool(output_size=(7, 7), spatial_scale=0.125)
-    for trial in range(20):
+    for trial in range(16):
         features, rois, _, _ = _random_case(gen, trial)
-        features = features.relu().contiguous(memory_format=torch.channels_last).requires_grad_(True)
-        reference = features.detach().clone().requires_grad_(True)
-        out = pool(features, rois)
-        expected = tv_roi_pool(reference, rois, (7, 7), 0.125)
-        assert torch.equal(out, expected)
-        upstream = torch.randn(out.shape, generator=gen)
+        features, rois = features.double(), rois.double()
+        if trial % 2:
+            features = features.relu().contiguous(memory_format=torch.channels_last)
+        expected, backward = reference_roi_pool(features, rois, (7, 7), 0.125)
+        with torch.no_grad():
+            assert torch.equal(pool(features, rois), expected), f"trial {trial}: inference path"
+        leaf = features.clone().requires_grad_(True)
+        out = pool(leaf, rois)
+        assert torch.equal(out, expected), f"trial {trial}: training path"
+        upstream = torch.randn(out.shape, generator=gen, dtype=torch.float64)
         out.backward(upstream)
-        expected.backward(upstream)
-        assert torch.equal(features.grad, reference.grad), f"trial {trial}"
+        assert torch.allclose(leaf.grad, backward(upstream), rtol=0, atol=1e-12), f"trial {trial}: gradient"
+
+
+def test_gradient_passes_gradcheck():
+    """Finite differences of the module's own forward agree with its backward (float64, no ties)."""
+    gen = torch.Generator().manual_seed(7)
+    pool = rp.RoIPool(output_size=(3, 2), spatial_scale=0.5)
+    features = torch.randn(2, 3, 9, 11, generator=gen, dtype=torch.float64, requires_grad=True)
+    rois = torch.tensor([[0, 1.0, 2.0, 17.0, 12.0], [1, 0.0, 0.0, 21.0, 17.0], [1, 6.0, 4.0, 9.0, 30.0],
+                         [0, 15.0, 15.0, 15.0, 15.0]], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda f: pool(f, rois), (features,), eps=1e-6, atol=1e-6)
 
 
 def test_module_is_a_torchvision_roipool_with_the_same_results():
     gen = torch.Generator().manual_seed(2)
     pool = rp.RoIPool(output_size=(4, 4), spatial_scale=0.5)
-    features = torch.randn(1, 3, 16, 16, generator=gen, requires_grad=True)
-    rois = torch.tensor([[0.0, 1.0, 2.0, 20.0, 25.0], [0.0, 0.0, 0.0, 31.0, 31.0]])
+    features = torch.randn(1, 3, 16, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    rois = torch.tensor([[0.0, 1.0, 2.0, 20.0, 25.0], [0.0, 0.0, 0.0, 31.0, 31.0]], dtype=torch.float64)
     out = pool(features, rois)
     out.sum().backward()
-    reference = features.detach().clone().requires_grad_(True)
-    tv_roi_pool(reference, rois, (4, 4), 0.5).sum().backward()
-    assert torch.equal(features.grad, reference.grad)
+    expected, backward = reference_roi_pool(features.detach(), rois, (4, 4), 0.5)
+    assert torch.equal(out.detach(), expected)
+    assert torch.allclose(features.grad, backward(torch.ones_like(expected)), rtol=0, atol=1e-12)
     with torch.inference_mode():
-        assert torch.equal(pool(features.detach(), rois), out.detach())
+        assert torch.equal(pool(features.detach(), rois), expected)
     assert isinstance(pool, __import__("torchvision").ops.RoIPool)
 
 
