@@ -8,7 +8,7 @@ from PIL import Image
 
 from detect.analysis.curves import SIZE_RANGES, ap_from_tp_fp, breakdown, plot_pr_curves, rank_classes, subset_ap
 from detect.data.records import ImageRecord
-from detect.evaluation import evaluate_voc
+from tests.devkit_reference import devkit_ap
 
 NAMES = ["a", "b"]
 
@@ -34,17 +34,33 @@ def _random_case(seed: int = 0):
     return records, dets
 
 
+def devkit_aps(records, dets, num_classes: int, use_07: bool) -> list[float]:
+    """AP per class from the loop-by-loop devkit transcription, boxes converted to VOC pixels here."""
+    aps = []
+    for c in range(num_classes):
+        gt = {r.image_id: [(float(b[0]) + 1, float(b[1]) + 1, float(b[2]), float(b[3]), bool(d))
+                           for b, l, d in zip(r.boxes, r.labels, r.difficult) if l == c] for r in records}
+        dl = [(r.image_id, float(s), float(b[0]) + 1, float(b[1]) + 1, float(b[2]), float(b[3]))
+              for r in records for b, s, l in zip(dets[r.image_id]["boxes"], dets[r.image_id]["scores"],
+                                                  dets[r.image_id]["labels"]) if l == c]
+        aps.append(devkit_ap(gt, dl, use_07))
+    return aps
+
+
 @pytest.mark.parametrize("metric", ["voc07", "voc10"])
 def test_ranked_classes_and_tp_fp_ap_match_the_devkit(metric):
-    records, dets = _random_case()
-    reference = evaluate_voc(records, dets, NAMES, metric)
+    """Catches any change to the devkit's rules in the shared evaluator (e.g. the IoU threshold set to 0.3)."""
+    records, dets = _random_case(5)       # a seed where both classes have AP well inside (0, 1)
+    reference = devkit_aps(records, dets, len(NAMES), metric == "voc07")
+    assert all(0.2 < ap < 0.4 for ap in reference)
     ranked = rank_classes(records, dets, NAMES, metric=metric)
-    for rc in ranked:
-        assert rc.ap == pytest.approx(reference["per_class"][rc.name])
+    for rc, expected in zip(ranked, reference):
+        assert rc.ap == pytest.approx(expected, abs=1e-12)
         assert ap_from_tp_fp(rc.tp, rc.fp, rc.npos, metric) == pytest.approx(rc.ap)
         assert np.all(np.diff(rc.scores) <= 0) and len(rc.boxes) == len(rc.scores)
     rows = breakdown(records, dets, NAMES, metric=metric)
-    assert rows["all"]["mAP"] == pytest.approx(reference["mAP"])
+    assert rows["all"]["mAP"] == pytest.approx(float(np.mean(reference)), abs=1e-12)
+    assert [rows["all"]["per_class"][n] for n in NAMES] == pytest.approx(reference, abs=1e-12)
     total = sum(rows["all"]["npos"].values())
     assert sum(sum(rows[s]["npos"].values()) for s in SIZE_RANGES) == total
     assert sum(rows["truncated"]["npos"].values()) + sum(rows["not truncated"]["npos"].values()) == total
@@ -89,10 +105,37 @@ def test_subset_ap_area_range_only_ignores_false_positives():
     assert with_range["mAP"] == pytest.approx(1.0) and without["mAP"] == pytest.approx(0.5)
 
 
-def test_pr_curve_plot(tmp_path):
+def test_pr_curve_plot(tmp_path, monkeypatch):
+    """Catches a plot of the wrong data: another class's curve, recall and precision swapped, a wrong AP label."""
+    import matplotlib.pyplot as plt
+
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", figures.append)      # keep the figure to read its lines back
     records, dets = _random_case(1)
     ranked = rank_classes(records, dets, NAMES + ["never_seen"])
     path = plot_pr_curves(ranked, tmp_path / "pr.png", title="test")
+    (fig,) = figures
+    try:
+        axes = [ax for ax in fig.axes if ax.axison]
+        assert [ax.get_title() for ax in axes] == [f"{rc.name} ({rc.npos} objects)" for rc in ranked]
+        expected_ap = devkit_aps(records, dets, len(NAMES), use_07=True) + [None]
+        npos = [sum(int(np.sum((r.labels == c) & ~r.difficult)) for r in records) for c in range(3)]
+        assert [rc.npos for rc in ranked] == npos and min(npos[:2]) > 3
+        for ax, rc, ap in zip(axes, ranked, expected_ap):
+            (line,) = ax.get_lines()
+            assert line.get_label() == ("AP n/a" if ap is None else f"AP {ap:.3f}")
+            assert [t.get_text() for t in ax.get_legend().get_texts()] == [line.get_label()]
+            if ap is None:
+                assert len(line.get_xdata()) == 0
+                continue
+            # the curve of the ranked detections: recall tp/npos, precision tp/(tp+fp), cumulated, where defined
+            tp, fp = np.cumsum(rc.tp), np.cumsum(rc.fp)
+            keep = tp + fp > 0
+            assert len(line.get_xdata()) == keep.sum() > 3
+            assert np.array_equal(line.get_xdata(), tp[keep] / rc.npos)
+            assert np.allclose(line.get_ydata(), tp[keep] / (tp + fp)[keep], rtol=0, atol=1e-12)
+    finally:
+        close(fig)
     with Image.open(path) as image:
         width, height = image.size
         pixels = np.asarray(image.convert("RGB"))
