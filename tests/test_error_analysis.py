@@ -103,16 +103,54 @@ def test_shares_of_top_ranked_detections():
                                                      "background": 2}
 
 
-def test_no_detections_and_the_plot(tmp_path):
+def _kept_figures(monkeypatch) -> list:
+    """Make ``plt.close`` keep the figures it is given, so that a test can read back what was drawn."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    return figures
+
+
+def _layer_spans(ax, x: int) -> list[set[float]]:
+    """The y values of each stacked layer's outline at ``x`` (a layer's outline holds its bottom and its top)."""
+    return [{round(float(y), 9) for vx, y in c.get_paths()[0].vertices if vx == x} for c in ax.collections]
+
+
+def test_no_detections_and_the_plot(tmp_path, monkeypatch):
+    """Catches a plot that stacks the wrong shares, the wrong class or object count in a panel, a misplaced npos line."""
+    import matplotlib.pyplot as plt
+
+    figures = _kept_figures(monkeypatch)
     diag = diagnose(_records(), {}, NAMES, groups=GROUPS)
     assert all(len(d.kinds) == 0 for d in diag.classes)
     assert diag.impact()["background"]["gain"] == 0.0
     path = plot_error_shares(diag, tmp_path / "empty.png")
     assert Image.open(path).size[0] > 100
+    assert [[t.get_text() for t in ax.texts] for ax in figures[0].axes] == [["no detections"]] * 4
     diag = diagnose(_records(), _detections(CAT_DETECTIONS), NAMES, groups=GROUPS)
     path = plot_error_shares(diag, tmp_path / "shares.png")
     width, height = Image.open(path).size
     assert width > 400 and height > 100
+    fig = figures[1]
+    overall, cat, dog, car = fig.axes
+    assert [ax.get_title() for ax in fig.axes] == ["overall (3 objects)", "cat (1 objects)", "dog (1 objects)",
+                                                   "car (1 objects)"]
+    assert [t.get_text() for t in dog.texts + car.texts] == ["no detections"] * 2
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == list(ERROR_TYPES)
+    # the planted ranking, ignored detection left out: share of each type among the top n, stacked in ERROR_TYPES order
+    ranked = [e[2] for e in CAT_DETECTIONS if e[2] is not None]
+    for ax, npos in ((overall, 3), (cat, 1)):
+        assert [c.get_label() for c in ax.collections] == list(ERROR_TYPES)
+        (line,) = ax.get_lines()
+        assert list(line.get_xdata()) == [npos, npos]          # the dashed line at as many detections as objects
+        for n in range(1, len(ranked) + 1):
+            top = [sum(ranked[:n].count(t) for t in ERROR_TYPES[: k + 1]) / n for k in range(len(ERROR_TYPES))]
+            for spans, low, high in zip(_layer_spans(ax, n), [0.0] + top[:-1], top):
+                assert {round(low, 9), round(high, 9)} <= spans, (ax.get_title(), n)
+    monkeypatch.undo()
+    for fig in figures:
+        plt.close(fig)
 
 
 def test_groups_default_inline_file_and_errors(tmp_path):
