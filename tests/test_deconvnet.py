@@ -105,7 +105,8 @@ def test_projection_of_a_planted_pattern_lands_on_it(name, layer):
     patch = best.reconstruction[:, top:top + k, left:left + k]
     assert F.cosine_similarity(patch.flatten(), pattern.flatten(), dim=0) > 0.999
 
-def test_peaks_in_one_image_and_the_figure(tmp_path):
+def test_peaks_in_one_image_and_the_figure(tmp_path, monkeypatch):
+    """Catches (figure) tiles from the wrong field or in the wrong order, panels swapped, a wrong display scale."""
     torch.manual_seed(0)
     backbone, _ = build_backbone("tiny")
     net = DeconvNet.from_backbone(backbone)
@@ -124,5 +125,28 @@ def test_peaks_in_one_image_and_the_figure(tmp_path):
         assert any(y1 <= y + 1 < y2 and x1 <= x + 1 < x2 for y, x in spots)
     shown = to_display(projections[0].reconstruction, projections[0].field)
     assert shown.dtype == np.uint8 and shown.shape[2] == 3 and shown.min() < 128 < shown.max()
+    import matplotlib.pyplot as plt
+
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", figures.append)      # keep the figure to read back what it shows
     path = plot_projections(projections, tmp_path / "grid.png", title="tiny conv1 channel 0")
     assert Image.open(path).size[0] > 300
+    (fig,) = figures
+    left, right = fig.axes
+    assert (left.get_title(), right.get_title()) == ("deconvnet projections", "image patches")
+    shown, patches = left.images[0].get_array(), right.images[0].get_array()
+    close(fig)
+    # 9 tiles of 80 px, 3 per row, 2 px white gaps between them
+    assert shown.shape == patches.shape == (244, 244, 3)
+    for mosaic in (shown, patches):
+        assert (mosaic[80:82] == 255).all() and (mosaic[:, 162:164] == 255).all()
+    centres = [int((i + 0.5) * 80 / k) for i in range(k)]      # the middle of each of the k x k source pixels
+    for n, p in enumerate(projections):
+        r, c = divmod(n, 3)
+        y1, x1, y2, x2 = p.field
+        assert (y2 - y1, x2 - x1) == (k, k)
+        tile = patches[r * 82: r * 82 + 80, c * 82: c * 82 + 80]
+        assert np.array_equal(tile[np.ix_(centres, centres)], p.image[y1:y2, x1:x2]), n    # its own field, in rank order
+    # the strongest projection is the planted filter itself, shown grey at zero and scaled by its largest magnitude
+    expected = np.round(255 * (0.5 + pattern.permute(1, 2, 0).numpy() / (2 * float(pattern.abs().max()))))
+    assert np.abs(shown[np.ix_(centres, centres)].astype(float) - expected).max() <= 3
