@@ -1,13 +1,18 @@
 """tools/benchmark_torchvision.py: both detectors build alike, a measurement runs, the table prints."""
 
+import time
+from types import SimpleNamespace
+
 import pytest
 import torch
+from torchvision.models.detection.image_list import ImageList
 
 from detect.cli import benchmark_torchvision as bench
 from detect.data.synthetic import generate_synthetic
 
 
 def test_twin_copies_weights_and_settings():
+    """Catches a twin whose RPN head or anchors differ from ours (weights not copied, ratios reordered)."""
     ours, theirs, cfg = bench.build_pair("tiny", 3, ["model.input.min_size=[96]", "model.input.max_size=160"])
     assert theirs.rpn.head.cls_logits.weight.shape == ours.rpn.head.cls_logits.weight.shape
     assert torch.equal(theirs.roi_heads.box_predictor.bbox_pred.weight, ours.roi_head.predictor.bbox_pred.weight)
@@ -22,20 +27,57 @@ def test_twin_copies_weights_and_settings():
         batch, _ = ours.transform(image)
         features = ours.backbone(batch.tensor)
         assert torch.allclose(features, theirs.backbone(batch.tensor), atol=1e-5)
+        logits, deltas = ours.rpn.head(features)                     # (N, H*W*A), (N, H*W*A, 4): anchor order
+        (objectness,), (box_deltas,) = theirs.rpn.head([features])   # (N, A, H, W), (N, A*4, H, W)
+        n, a, h, w = objectness.shape
+        assert logits.std() > 1e-3                                   # a map with something to compare
+        assert torch.allclose(logits.view(n, h, w, a).permute(0, 3, 1, 2), objectness, atol=1e-6)
+        assert torch.allclose(deltas.view(n, h, w, a, 4).permute(0, 3, 4, 1, 2).reshape(n, a * 4, h, w), box_deltas,
+                              atol=1e-6)
+        proposals, _ = ours.rpn.predict(features, batch.image_sizes)
+        (theirs_proposals,), _ = theirs.rpn(ImageList(batch.tensor, batch.image_sizes), {"0": features})
+    # torchvision rounds its anchors to whole pixels (ours are exact): the boxes agree within a pixel
+    assert len(proposals[0]) == len(theirs_proposals) == cfg.model.rpn.post_nms_top_n_test
+    assert torch.allclose(proposals[0][:20], theirs_proposals[:20], rtol=0, atol=1.0)     # in the same order
 
 
-def test_speed_measurement_and_table(tmp_path):
+def test_speed_measurement_and_table(tmp_path, monkeypatch):
+    """Catches a wrong image count in images/s (warm-up counted, passes or batch forgotten).
+
+    A fake clock advances 0.25 s per image the model is given, so images/s is exactly 4 when
+    the count the tool divides by is the count of images timed.
+    """
     root = generate_synthetic(tmp_path / "syn", num_images=3, seed=0, empty_fraction=0.0)
+    clock = {"now": 0.0, "seen": set()}
+
+    def counting(method):
+        def call(images, *rest, **kwargs):
+            clock["now"] += 0.25 * len(images)
+            clock["seen"].update(id(im) for im in images)
+            return method(images, *rest, **kwargs)
+        return call
+
+    def build_pair(*args, **kwargs):
+        ours, theirs, cfg = real_build_pair(*args, **kwargs)
+        ours.predict, ours.loss, theirs.forward = counting(ours.predict), counting(ours.loss), counting(theirs.forward)
+        return ours, theirs, cfg
+
+    real_build_pair = bench.build_pair
+    monkeypatch.setattr(bench, "build_pair", build_pair)
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: clock["now"], process_time=time.process_time))
     rows = []
     for model in ("ours", "torchvision"):
         for phase in ("inference", "train"):
-            spec = dict(setting="tiny", model=model, phase=phase, root=str(root), images=2, passes=1, batch=2,
+            clock["seen"] = set()
+            spec = dict(setting="tiny", model=model, phase=phase, root=str(root), images=2, passes=2, batch=2,
                         device="cpu", threads=1, overrides=["model.input.max_size=160"], size=96)
             result = bench.measure(spec)
-            assert result["images_per_s"] > 0 and result["peak_mb"] > 10
+            assert result["images_per_s"] == pytest.approx(4.0), (model, phase)
+            assert len(clock["seen"]) == 2 and result["peak_mb"] > 10         # both images given were used
             rows.append(["tiny", f"{model} {phase}", f"{result['images_per_s']:.2f}", "1", "1x"])
     text = bench.table(rows, "header")
     assert text.count("\n| tiny |") == 4 and "ours / torchvision" in text
+    assert "| tiny | ours inference | 4.00 |" in text
 
 
 def test_accuracy_rows_average_seeds_and_count_wins():
