@@ -1,16 +1,22 @@
 """The HTML report and the analyze / explain tools, on a briefly trained tiny_synthetic Faster R-CNN."""
 
 import json
+import math
 import re
 import shutil
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
 
+import detect.engine
 from detect.analysis.html import HtmlReport, referenced_files
 from detect.cli import analyze, explain, test as test_cli, train
+from tests.devkit_reference import devkit_ap
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "faster_rcnn" / "tiny_synthetic.yaml"
@@ -58,18 +64,87 @@ def test_report_references_only_files_it_wrote(report):
     assert any(r.startswith("occlusion/") for r in images) and any(r.startswith("deconvnet/") for r in images)
 
 
-def test_report_numbers_match_the_test_tool(report, run_dir, tmp_path):
-    numbers = json.loads((report / "analysis.json").read_text())
-    out = tmp_path / "test"
+def _split_objects(root: Path, split: str) -> dict[str, list[tuple]]:
+    """The split's objects read from the XML by the test: ``{image_id: [(name, xmin, ymin, xmax, ymax, difficult)]}``."""
+    ids = (root / "ImageSets" / "Main" / f"{split}.txt").read_text().split()
+    out = {}
+    for image_id in ids:
+        xml = ET.parse(root / "Annotations" / f"{image_id}.xml").getroot()
+        out[image_id] = [(o.findtext("name"), *(float(o.findtext(f"bndbox/{t}")) for t in ("xmin", "ymin", "xmax", "ymax")),
+                          o.findtext("difficult", "0").strip() == "1") for o in xml.iter("object")]
+    return out
+
+
+def _planted_detections(objects: dict[str, list[tuple]], seed: int = 0) -> list[tuple]:
+    """Per object a false positive beside it; two of three objects found (a box one pixel off); one of three
+    also, and one of three only, covered by a loose box (IoU about 0.43: a false positive at the devkit's 0.5).
+
+    Returns VOC-pixel rows ``(image_id, name, score, xmin, ymin, xmax, ymax)``, scores float32-exact, random order.
+    """
+    rng = np.random.default_rng(seed)
+    rows = []
+    for image_id, objs in objects.items():
+        for n, (name, x1, y1, x2, y2, _) in enumerate(objs):
+            if n % 3 != 2:
+                rows.append((image_id, name, x1 + 1, y1, x2 + 1, y2))
+            if n % 3 != 0:
+                shift = round(0.4 * (x2 - x1 + 1))
+                rows.append((image_id, name, x1 + shift, y1, x2 + shift, y2))
+            rows.append((image_id, name, x2 + 2, y2 + 2, 2 * x2 - x1 + 2, 2 * y2 - y1 + 2))   # beside it, no overlap
+    scores = rng.permutation(len(rows)).astype(np.float32) / len(rows) + np.float32(0.01)
+    return [(r[0], r[1], float(s), *r[2:]) for r, s in zip(rows, scores)]
+
+
+def test_report_numbers_match_the_test_tool(report, run_dir, tmp_path, monkeypatch):
+    """Catches a report (or test tool) whose AP differs from the devkit's on detections with non-trivial APs.
+
+    Both tools get the same planted detections in place of the briefly trained model's (whose APs
+    are all 0 or NaN); the reference is the loop-by-loop devkit transcription on the XML.
+    """
+    names = yaml.safe_load(CONFIG.read_text())["data"]["classes"]
+    objects = _split_objects(run_dir.parent / "synth", "test")
+    planted = _planted_detections(objects)
+
+    def planted_evaluate(model, loader, **kwargs):
+        out = {}
+        for image_id in objects:
+            mine = [r for r in planted if r[0] == image_id]
+            out[image_id] = {"boxes": np.array([[r[3] - 1, r[4] - 1, r[5], r[6]] for r in mine], np.float32).reshape(-1, 4),
+                             "scores": np.array([r[2] for r in mine], np.float32),
+                             "labels": np.array([names.index(r[1]) for r in mine], np.int64)}
+        return out
+
+    expected, npos = {}, {}
+    for name in names:
+        gt = {i: [(*o[1:5], o[5]) for o in objs if o[0] == name] for i, objs in objects.items()}
+        npos[name] = sum(not o[4] for objs in gt.values() for o in objs)
+        # a class with no object that counts (here: only difficult ones) has no AP, and is left out of the mean
+        expected[name] = devkit_ap(gt, [(r[0], r[2], *r[3:]) for r in planted if r[1] == name], use_07=True) \
+            if npos[name] else math.nan
+    valid = [ap for ap in expected.values() if not math.isnan(ap)]
+    assert sum(0 < ap < 1 for ap in valid) >= 2 and len(set(valid)) >= 2        # several distinct, non-trivial APs
+
+    monkeypatch.setattr(detect.engine, "evaluate", planted_evaluate)
+    assert analyze.main(["--checkpoint", str(run_dir / "model_final.pt"), "--split", "test", "--out",
+                         str(tmp_path / "report"), "--no-progress", "--occlusion", "0", "--deconv-layer", "none",
+                         "--samples", "1"]) == 0
+    numbers = json.loads((tmp_path / "report" / "analysis.json").read_text())
     assert test_cli.main(["--checkpoint", str(run_dir / "model_final.pt"), "--split", "test", "--metric", "voc07",
-                          "--out", str(out), "--no-progress"]) == 0
-    metrics = json.loads((out / "metrics.json").read_text())["metrics"]["voc07"]
-    assert numbers["summary"]["mAP"] == pytest.approx(metrics["mAP"], nan_ok=True)
-    for name, ap in metrics["per_class"].items():
-        assert numbers["per_class"][name]["ap"] == pytest.approx(ap, nan_ok=True)
-    assert numbers["breakdown"]["all"]["mAP"] == pytest.approx(metrics["mAP"], nan_ok=True)
-    assert set(numbers["error_analysis"]["per_class"]) == set(metrics["per_class"])
-    assert "RPN" in numbers["proposal_recall"] and numbers["deconvnet"]["layer"] == "conv5"
+                          "--out", str(tmp_path / "test"), "--no-progress"]) == 0
+    metrics = json.loads((tmp_path / "test" / "metrics.json").read_text())["metrics"]["voc07"]
+    mean = float(np.mean(valid))
+    for source in (numbers["summary"]["mAP"], numbers["breakdown"]["all"]["mAP"], metrics["mAP"]):
+        assert source == pytest.approx(mean, abs=1e-9)
+    for name in names:
+        ap = expected[name] if not math.isnan(expected[name]) else None        # NaN is written as null
+        assert numbers["per_class"][name]["ap"] == pytest.approx(ap, abs=1e-9)
+        assert metrics["per_class"][name] == pytest.approx(ap, abs=1e-9)
+        assert numbers["per_class"][name]["npos"] == npos[name]
+    assert numbers["summary"]["detections"] == len(planted)
+    # and the full report of the trained model has every section's numbers
+    full = json.loads((report / "analysis.json").read_text())
+    assert set(full["error_analysis"]["per_class"]) == set(names)
+    assert "RPN" in full["proposal_recall"] and full["deconvnet"]["layer"] == "conv5"
 
 
 def _chromium(page: Path, profile: Path) -> tuple[str, list[str]]:
@@ -137,19 +212,58 @@ def _image_with_a_detection(run_dir: Path) -> Path:
 
 
 def test_explain_occlusion_box_and_deconvnet(run_dir, tmp_path, capsys):
+    """Catches explain reporting another detection, box, label, layer or channel than asked, or a wrong map summary.
+
+    The reference numbers are recomputed here: the model's own detection, an occlusion map of
+    the whole image (explain crops around the box) and the layer's activation read by a hook.
+    """
+    import torch
+
+    from detect.analysis.deconvnet import resize_like_model
+    from detect.analysis.occlusion import DetectorBoxScorer, occlusion_map
+    from detect.analysis.trunk import flatten_trunk, resolve_layer
+    from detect.checkpoint import model_from_checkpoint
+    from detect.data.image import read_image
+    from detect.data.loader import image_to_tensor
+
     ckpt, image = str(run_dir / "model_final.pt"), str(_image_with_a_detection(run_dir))
+    model, _, _ = model_from_checkpoint(run_dir / "model_final.pt")
+    pixels = image_to_tensor(read_image(Path(image)))
+    det = model.predict([pixels])[0]
     out = tmp_path / "explain"
     assert explain.main(["--checkpoint", ckpt, "--image", image, "--out", str(out), "--detection", "0"]) == 0
     summary = json.loads((out / f"occlusion_{Path(image).stem}_det0.json").read_text())
     assert (out / f"occlusion_{Path(image).stem}_det0.png").is_file()
-    assert 0 <= summary["lowest"] <= summary["baseline"] + 1 and summary["positions"] >= summary["evaluated"] > 0
+    assert summary["box"] == pytest.approx(det["boxes"][0].tolist(), abs=1e-4)
+    assert summary["score"] == pytest.approx(float(det["scores"][0]), abs=1e-6)
+    label = int(det["labels"][0])
+    assert summary["label"] == model.class_names[label]
+    full = occlusion_map(DetectorBoxScorer(model, pixels, det["boxes"][0], label, crop=False), patch=32, stride=16)
+    assert summary["baseline"] == pytest.approx(full.baseline, abs=1e-5)
+    assert summary["lowest"] == pytest.approx(float(full.scores.min()), abs=1e-5)
+    assert summary["positions"] == full.scores.size and 0 < summary["evaluated"] <= full.scores.size
     assert explain.main(["--checkpoint", ckpt, "--image", image, "--out", str(out), "--box", "10,10,60,70",
                          "--label", "square"]) == 0
-    assert json.loads((out / f"occlusion_{Path(image).stem}_box.json").read_text())["label"] == "square"
+    boxed = json.loads((out / f"occlusion_{Path(image).stem}_box.json").read_text())
+    assert boxed["label"] == "square" and boxed["box"] == [10, 10, 60, 70] and boxed["score"] is None
+    square = DetectorBoxScorer(model, pixels, [10, 10, 60, 70], model.class_names.index("square"), crop=False)
+    assert boxed["baseline"] == pytest.approx(square.baseline(), abs=1e-5)
     assert explain.main(["--checkpoint", ckpt, "--image", image, "--out", str(out), "--layer", "conv4",
                          "--channel", "3", "--top", "4"]) == 0
     units = json.loads((out / f"deconv_{Path(image).stem}_conv4_c3.json").read_text())["units"]
-    assert 1 <= len(units) <= 4 and units[0]["activation"] >= units[-1]["activation"]
+    assert 1 <= len(units) <= 4 and all(a["activation"] >= b["activation"] for a, b in zip(units, units[1:]))
+    # the strongest unit is channel 3's maximum at conv4 (ReLU output) of the image as the model resizes it
+    layers = flatten_trunk(model.backbone.trunk)
+    seen = []
+    hook = layers[resolve_layer(layers, "conv4")].module.register_forward_hook(lambda m, i, o: seen.append(o.clone()))
+    backbone = model.backbone
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (backbone.pixel_mean, backbone.pixel_std))
+    with torch.no_grad():
+        backbone.trunk((resize_like_model(model, pixels)[None] - mean) / std)
+    hook.remove()
+    plane = seen[0][0, 3]
+    assert units[0]["activation"] == pytest.approx(float(plane.max()), rel=1e-5)
+    assert units[0]["cell_yx"] == list(divmod(int(plane.argmax()), plane.shape[1]))
 
 
 @pytest.mark.parametrize("case", ["detection", "layer", "box", "missing_checkpoint", "similar"])
@@ -183,8 +297,6 @@ def test_tools_scripts_run_from_a_checkout(tmp_path):
 
 
 def test_report_from_detections_alone_with_a_proposal_store(voc_tree, tmp_path):
-    import numpy as np
-
     from detect.analysis.report import ReportOptions, build_report, open_proposal_store
     from detect.errors import DetectError
     from proposals.store import ProposalStore
@@ -209,14 +321,22 @@ def test_report_from_detections_alone_with_a_proposal_store(voc_tree, tmp_path):
     page = index.read_text(encoding="utf-8")
     assert all((index.parent / ref).is_file() for ref in referenced_files(page))
     assert "Occlusion sensitivity" not in page and "Deconvnet" not in page
+    aps = []                                    # the devkit on the same boxes, in VOC pixels
+    for c in range(len(names)):
+        gt = {r.image_id: [(b[0] + 1, b[1] + 1, b[2], b[3], d) for b, l, d in zip(r.boxes.astype(float), r.labels,
+                                                                                  r.difficult) if l == c]
+              for r in records}
+        dl = [(i, float(s), b[0] + 1, b[1] + 1, b[2], b[3]) for i, d in detections.items()
+              for b, s, l in zip(d["boxes"].astype(float), d["scores"], d["labels"]) if l == c]
+        aps.append(devkit_ap(gt, dl, use_07=True))
     assert numbers["summary"]["mAP"] > 0.5      # jittered ground truth
+    assert numbers["summary"]["mAP"] == pytest.approx(float(np.mean(aps)), abs=1e-9)
     with pytest.raises(DetectError, match="not a proposal store folder"):
         open_proposal_store(tmp_path)
 
 
 def test_models_without_a_whole_image_pipeline_get_notes_not_crashes(voc_tree, tmp_path):
     """R-CNN warps each region: no occlusion scorer or deconvnet input pipeline, so the report says so."""
-    import numpy as np
     from torch import nn
 
     from detect.analysis.report import ReportOptions, build_report
