@@ -101,7 +101,7 @@ def test_crop_gives_the_whole_image_scores_on_a_real_trunk():
     assert cropped.touches(rects)[:3].all() and not cropped.touches(rects)[3:5].any()
 
 
-def test_pixel_scorer_positions_reach_the_border_and_heat_covers_the_image(tmp_path):
+def test_pixel_scorer_positions_reach_the_border_and_heat_covers_the_image(tmp_path, monkeypatch):
     image = _scene(100, 150)
 
     def redness_in_a(batch: torch.Tensor) -> torch.Tensor:
@@ -115,7 +115,22 @@ def test_pixel_scorer_positions_reach_the_border_and_heat_covers_the_image(tmp_p
     assert _inside(omap.peak(), BOX_A, margin=16)
     assert omap.heat[0:8, 140:150].mean() == pytest.approx(omap.baseline)       # far corner: unchanged
     rgb = (image.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    import matplotlib.pyplot as plt
+
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", figures.append)      # keep the figure to read back what it shows
     path = plot_occlusion(rgb, omap, BOX_A, tmp_path / "occ.png", title="a")
     assert Image.open(path).size[0] > 300
+    # the figure: the image with the box, then the map over the image with the box and the peak marked
+    left, right = figures[0].axes[:2]
+    assert np.array_equal(left.images[0].get_array(), rgb) and np.array_equal(right.images[0].get_array(), rgb)
+    assert np.array_equal(right.images[1].get_array(), omap.heat)
+    for ax in (left, right):
+        (rect,) = ax.patches
+        assert (*rect.get_xy(), rect.get_width(), rect.get_height()) == (32, 48, 48, 48)      # BOX_A
+    (marker,) = right.get_lines()
+    assert (marker.get_ydata()[0], marker.get_xdata()[0]) == omap.peak()
+    assert f"unoccluded {omap.baseline:.3f}" in right.get_title() and "32px" in right.get_title()
+    close(figures[0])
     with pytest.raises(ValueError, match="positive"):
         occlusion_map(PixelScorer(redness_in_a, image), patch=0)
