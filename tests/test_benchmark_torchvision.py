@@ -64,7 +64,8 @@ def test_speed_measurement_and_table(tmp_path, monkeypatch):
 
     real_build_pair = bench.build_pair
     monkeypatch.setattr(bench, "build_pair", build_pair)
-    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: clock["now"], process_time=time.process_time))
+    fake_time = SimpleNamespace(perf_counter=lambda: clock["now"], process_time=time.process_time)
+    monkeypatch.setattr(bench, "time", fake_time)
     rows = []
     for model in ("ours", "torchvision"):
         for phase in ("inference", "train"):

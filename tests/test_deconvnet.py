@@ -146,7 +146,7 @@ def test_peaks_in_one_image_and_the_figure(tmp_path, monkeypatch):
         y1, x1, y2, x2 = p.field
         assert (y2 - y1, x2 - x1) == (k, k)
         tile = patches[r * 82: r * 82 + 80, c * 82: c * 82 + 80]
-        assert np.array_equal(tile[np.ix_(centres, centres)], p.image[y1:y2, x1:x2]), n    # its own field, in rank order
+        assert np.array_equal(tile[np.ix_(centres, centres)], p.image[y1:y2, x1:x2]), n    # own field, rank order
     # the strongest projection is the planted filter itself, shown grey at zero and scaled by its largest magnitude
     expected = np.round(255 * (0.5 + pattern.permute(1, 2, 0).numpy() / (2 * float(pattern.abs().max()))))
     assert np.abs(shown[np.ix_(centres, centres)].astype(float) - expected).max() <= 3

@@ -118,7 +118,7 @@ def _layer_spans(ax, x: int) -> list[set[float]]:
 
 
 def test_no_detections_and_the_plot(tmp_path, monkeypatch):
-    """Catches a plot that stacks the wrong shares, the wrong class or object count in a panel, a misplaced npos line."""
+    """Catches a plot stacking the wrong shares, a wrong class or object count in a panel, a misplaced npos line."""
     import matplotlib.pyplot as plt
 
     figures = _kept_figures(monkeypatch)

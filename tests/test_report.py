@@ -65,12 +65,13 @@ def test_report_references_only_files_it_wrote(report):
 
 
 def _split_objects(root: Path, split: str) -> dict[str, list[tuple]]:
-    """The split's objects read from the XML by the test: ``{image_id: [(name, xmin, ymin, xmax, ymax, difficult)]}``."""
+    """The split's objects, read from the XML by the test: ``{id: [(name, xmin, ymin, xmax, ymax, difficult)]}``."""
     ids = (root / "ImageSets" / "Main" / f"{split}.txt").read_text().split()
     out = {}
     for image_id in ids:
         xml = ET.parse(root / "Annotations" / f"{image_id}.xml").getroot()
-        out[image_id] = [(o.findtext("name"), *(float(o.findtext(f"bndbox/{t}")) for t in ("xmin", "ymin", "xmax", "ymax")),
+        corners = ("xmin", "ymin", "xmax", "ymax")
+        out[image_id] = [(o.findtext("name"), *(float(o.findtext(f"bndbox/{t}")) for t in corners),
                           o.findtext("difficult", "0").strip() == "1") for o in xml.iter("object")]
     return out
 
@@ -109,7 +110,8 @@ def test_report_numbers_match_the_test_tool(report, run_dir, tmp_path, monkeypat
         out = {}
         for image_id in objects:
             mine = [r for r in planted if r[0] == image_id]
-            out[image_id] = {"boxes": np.array([[r[3] - 1, r[4] - 1, r[5], r[6]] for r in mine], np.float32).reshape(-1, 4),
+            boxes = [[r[3] - 1, r[4] - 1, r[5], r[6]] for r in mine]          # VOC pixels -> library convention
+            out[image_id] = {"boxes": np.array(boxes, np.float32).reshape(-1, 4),
                              "scores": np.array([r[2] for r in mine], np.float32),
                              "labels": np.array([names.index(r[1]) for r in mine], np.int64)}
         return out
