@@ -104,7 +104,7 @@ def run_forked(body: Callable[[], int], stderr_path: Path, *, file_limit: int | 
 def kill_at(body: Callable[[], int], delay: float, *, ready: Callable[[], bool] | None = None,
             timeout: float = 60.0) -> bool:
     """Fork a child running ``body``; SIGKILL it ``delay`` seconds after it starts (after ``ready()``
-    turns true when given). Returns whether the kill came before the child finished on its own."""
+    turns true when given). Returns whether the child died of a SIGKILL (ours, or its own)."""
     pid = os.fork()
     if pid == 0:
         code = 0
@@ -123,24 +123,26 @@ def kill_at(body: Callable[[], int], delay: float, *, ready: Callable[[], bool] 
         time.sleep(0.002)
     fire = time.monotonic() + delay
     while time.monotonic() < fire:
-        done, _ = os.waitpid(pid, os.WNOHANG)
+        done, status = os.waitpid(pid, os.WNOHANG)
         if done:
-            return False
+            return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL   # it may kill itself
         time.sleep(0.001)
     os.kill(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
     return os.WIFSIGNALED(status)
 
 
-def kill_self_on(module, name: str, call: int = 1):
-    """Replace ``module.name`` so that its ``call``-th call SIGKILLs the process first (a kill inside a write)."""
+def kill_self_on(module, name: str, *, when=lambda *args, **kwargs: True, call: int = 1) -> None:
+    """Replace ``module.name`` so that the ``call``-th call for which ``when(*args)`` holds SIGKILLs the
+    process instead of running (e.g. ``os.replace`` of an atomic write: its temp file is left behind)."""
     original = getattr(module, name)
     count = {"n": 0}
 
     def wrapper(*args, **kwargs):
-        count["n"] += 1
-        if count["n"] == call:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if when(*args, **kwargs):
+            count["n"] += 1
+            if count["n"] == call:
+                os.kill(os.getpid(), signal.SIGKILL)
         return original(*args, **kwargs)
 
     setattr(module, name, wrapper)
