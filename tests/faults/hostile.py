@@ -56,11 +56,10 @@ def _single_thread() -> None:
         sys.modules["torch"].set_num_threads(1)
 
 
-def _child(body: Callable[[], int], stderr_path: Path, file_limit: int | None) -> None:
+def _child(body: Callable[[], int], stderr_fd: int, file_limit: int | None) -> None:
     code = 70
     try:
-        fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(fd, 2)
+        os.dup2(stderr_fd, 2)                 # a pipe: the file-size limit does not apply to it
         os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
         sys.stderr = os.fdopen(2, "w", buffering=1)
         sys.stdout = open(os.devnull, "w")
@@ -81,14 +80,24 @@ def _child(body: Callable[[], int], stderr_path: Path, file_limit: int | None) -
             os._exit(code)
 
 
-def run_forked(body: Callable[[], int], stderr_path: Path, *, file_limit: int | None = None,
+def run_forked(body: Callable[[], int], *, file_limit: int | None = None,
                timeout: float = 120.0) -> tuple[int, list[str]]:
     """Run ``body`` in a forked child (optionally under ``RLIMIT_FSIZE``); returns (exit code, stderr lines)."""
+    read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
-        _child(body, stderr_path, file_limit)
+        os.close(read_end)
+        _child(body, write_end, file_limit)
+    os.close(write_end)
+    os.set_blocking(read_end, False)
+    chunks: list[bytes] = []
     deadline = time.monotonic() + timeout
     while True:
+        try:
+            while chunk := os.read(read_end, 65536):
+                chunks.append(chunk)
+        except BlockingIOError:
+            pass
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             break
@@ -97,8 +106,12 @@ def run_forked(body: Callable[[], int], stderr_path: Path, *, file_limit: int | 
             os.waitpid(pid, 0)
             raise AssertionError(f"child did not finish in {timeout} s (hung?)")
         time.sleep(0.01)
-    code = os.waitstatus_to_exitcode(status)
-    return code, [line for line in stderr_path.read_text().splitlines() if line.strip()]
+    os.set_blocking(read_end, True)
+    while chunk := os.read(read_end, 65536):
+        chunks.append(chunk)
+    os.close(read_end)
+    text = b"".join(chunks).decode("utf-8", "replace")
+    return os.waitstatus_to_exitcode(status), [line for line in text.splitlines() if line.strip()]
 
 
 def kill_at(body: Callable[[], int], delay: float, *, ready: Callable[[], bool] | None = None,
@@ -146,3 +159,19 @@ def kill_self_on(module, name: str, *, when=lambda *args, **kwargs: True, call: 
         return original(*args, **kwargs)
 
     setattr(module, name, wrapper)
+
+
+def tiny_checkpoint(path: Path, class_names: list[str]) -> Path:
+    """An untrained tiny Faster R-CNN at 64 px: what the tools need to run (not to be right)."""
+    import torch
+
+    from detect import build_model
+    from detect.checkpoint import save_checkpoint
+    from detect.config import config_to_dict, load_config
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "faster_rcnn" / "tiny_synthetic.yaml"
+    cfg = load_config(config, [f"data.classes=[{','.join(class_names)}]", "model.input.min_size=[64]",
+                               "model.input.test_min_size=64", "model.input.max_size=128", "train.workers=0"])
+    torch.manual_seed(0)
+    model = build_model(cfg, class_names=class_names)
+    return save_checkpoint(path, model=model, config=config_to_dict(cfg), class_names=class_names)

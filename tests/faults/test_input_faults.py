@@ -15,14 +15,14 @@ import pytest
 from PIL import Image, ImageFile
 
 from detect.cli import demo, eval as eval_cli, test as test_cli, train
-from detect.config import Config, config_to_dict, load_config
+from detect.config import Config, load_config
 from detect.data.image import read_image
 from detect.data.loader import DetectionDataset, Skipped, build_dataset
 from detect.data.records import ImageRecord
 from detect.errors import ConfigError, ImageReadError, ResultsFormatError
 from detect.evaluation import evaluate_coco
 from tests.conftest import make_voc_tree
-from tests.faults.hostile import bomb_png, run_forked
+from tests.faults.hostile import bomb_png, run_forked, tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "faster_rcnn" / "tiny_synthetic.yaml"
@@ -37,18 +37,7 @@ def _one_error_line(err: str) -> str:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """An untrained tiny Faster R-CNN for cat/dog at 64 px: the tools only need it to run, not to be right."""
-    import torch
-
-    from detect import build_model
-    from detect.checkpoint import save_checkpoint
-
-    cfg = load_config(TINY, ["data.classes=[cat,dog]", "model.input.min_size=[64]", "model.input.test_min_size=64",
-                             "model.input.max_size=128", "train.workers=0"])
-    torch.manual_seed(0)
-    model = build_model(cfg, class_names=NAMES)
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt", model=model, config=config_to_dict(cfg),
-                           class_names=NAMES)
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt", NAMES)
 
 
 # --------------------------------------------------------------------------- decompression bombs
@@ -120,7 +109,7 @@ def test_demo_lists_bombs_broken_links_loops_and_fifos_and_draws_every_good_imag
     out = tmp_path / "out"
     code, err = run_forked(lambda: demo.main(["--checkpoint", str(checkpoint), "--images", str(tmp_path / "images"),
                                               "--out", str(out), "--score-thresh", "0", "--device", "cpu",
-                                              "--no-progress"]), tmp_path / "stderr.txt", timeout=120)
+                                              "--no-progress"]), timeout=120)
     assert code == 0, err
     report = json.loads((out / "detections.json").read_text())
     assert [e["file"] for e in report["images"]] == good
