@@ -3,13 +3,14 @@
 A truncated or bit-flipped shard or record is detected and recomputed (or named in a one-line
 error), never used; a run killed with SIGKILL at a random moment and then resumed gives files
 bitwise equal to an uninterrupted run and leaves no temp file behind. Trial delays are drawn from
-a seeded generator and printed, so a failing trial can be replayed.
+a seeded generator and printed, so a failing trial can be replayed (``FAULT_SEED=<seed> pytest ...``).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,11 @@ REPO = Path(__file__).resolve().parents[2]
 RCNN_TINY = REPO / "configs" / "rcnn" / "tiny_synthetic.yaml"
 NAMES = ["cat", "dog"]
 KILL_TRIALS = 4
+
+
+def _trial_seed() -> int:
+    """A fresh seed per run (printed; failures show it), or FAULT_SEED to replay one."""
+    return int(os.environ.get("FAULT_SEED") or int.from_bytes(os.urandom(2), "little"))
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
@@ -120,7 +126,7 @@ def test_svm_and_box_regression_stages_are_bitwise_reproducible(rcnn_setup):
 
 def test_feature_caching_killed_at_random_moments_resumes_to_the_same_files(rcnn_setup):
     setup = rcnn_setup
-    seed = int.from_bytes(os.urandom(2), "little")
+    seed = _trial_seed()
     rng = np.random.default_rng(seed)
     print(f"feature cache kill trials: seed {seed}")
 
@@ -128,8 +134,6 @@ def test_feature_caching_killed_at_random_moments_resumes_to_the_same_files(rcnn
         extract_features(setup["model"], setup["records"], FeatureCache(root, fingerprint=setup["fingerprint"]),
                          log=lambda m: None)
         return 0
-
-    import time
 
     start = time.perf_counter()
     run(setup["base"] / "timing")
@@ -206,15 +210,13 @@ def test_proposal_eval_says_the_store_is_damaged_and_compute_repairs_it(voc_root
 
 
 def test_proposal_compute_killed_at_random_moments_resumes_to_the_same_store(voc_root, reference_store, tmp_path):
-    seed = int.from_bytes(os.urandom(2), "little")
+    seed = _trial_seed()
     rng = np.random.default_rng(seed)
     print(f"proposal store kill trials: seed {seed}")
     items = _items(voc_root)
 
     def run(root: Path) -> int:
         return compute_store(items, ProposalStore(root, "voc-test", PARAMS), progress=False).computed
-
-    import time
 
     start = time.perf_counter()
     run(tmp_path / "timing")
