@@ -7,7 +7,9 @@ targets ``t = ((Gx - Px) / Pw, (Gy - Py) / Ph, log(Gw / Pw), log(Gh / Ph))``
 class with lambda = 1000 (scikit-learn ``Ridge(alpha=1000)``) predict them. As in
 the authors' code the features are scaled to mean norm 20 and the targets are
 standardised per class before the fit (the standardisation is folded back into
-the weights, so the head applies one affine map).
+the weights, so the head applies one affine map). The solver is pinned to the closed-form
+Cholesky one (what ``"auto"`` picks for dense features today): no random state, so the same
+features always give bitwise the same regressors.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def fit_box_regressors(features: np.ndarray, proposals: np.ndarray, gt_boxes: np
             continue
         y = targets[idx]
         mean, std = y.mean(axis=0), y.std(axis=0) + 1e-6
-        ridge = Ridge(alpha=alpha).fit(np.asarray(features[idx], dtype=np.float32) * scale, (y - mean) / std)
+        ridge = Ridge(alpha=alpha, solver="cholesky").fit(np.asarray(features[idx], dtype=np.float32) * scale, (y - mean) / std)
         result.weight[c] = ridge.coef_ * std[:, None]
         result.bias[c] = ridge.intercept_ * std + mean
         result.fitted[c] = True

@@ -3,7 +3,13 @@
 A config file is a nested mapping whose keys must match the dataclass fields
 below exactly. Unknown keys and values of the wrong type are errors that name
 the key path and the file. ``--set a.b=value`` overrides are parsed as YAML
-scalars/lists and checked the same way.
+scalars/lists and checked the same way. Numbers out of their range (a negative
+``train.max_iter``, a zero learning rate, an IoU above 1) are errors too
+(:mod:`detect.config_checks`).
+
+YAML 1.1 reads ``1e-3`` (no dot) as a string; a float key accepts such a string
+when it is an ordinary decimal number, so ``lr: 1e-3`` and ``--set train.lr=1e4``
+work. Files are parsed with ``yaml.safe_load``: a ``!!python/...`` tag is refused.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from detect.config_checks import check_ranges, parse_number, yaml_problem
 from detect.errors import ConfigError
 
 VOC_CLASSES = [
@@ -46,6 +53,7 @@ class DataConfig:
     synthetic_seed: int = 0
     synthetic_style: Literal["cluttered", "plain"] = "cluttered"   # detect.data.synthetic.STYLES
     synthetic_max_objects: int = 6
+    max_image_pixels: int = 89_478_485   # larger images are skipped unread (Pillow's default; detect.data.image)
 
 
 @dataclass
@@ -329,6 +337,8 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             raise ConfigError(f"{where}: key '{key}' must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            value = parse_number(value, default=value)     # YAML 1.1 leaves 1e-3 a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: key '{key}' must be a number, got {value!r}")
         return float(value)
@@ -371,7 +381,7 @@ def _parse_override(text: str) -> dict:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({exc})") from None
+        raise ConfigError(f"override '{text}': value is not valid YAML ({yaml_problem(exc)})") from None
     nested: dict = {}
     node = nested
     parts = key.split(".")
@@ -386,8 +396,12 @@ def _read_yaml(path: Path) -> dict:
         raise ConfigError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the config as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config ({exc.strerror})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -402,7 +416,9 @@ def config_from_dict(mapping: dict, where: str = "<dict>", overrides: list[str] 
         merged = _merge(merged, _parse_override(text))
     if overrides:
         where = f"{where} with --set {' '.join(overrides)}"
-    return _build(Config, merged, "", where)
+    cfg = _build(Config, merged, "", where)
+    check_ranges(cfg, where)
+    return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -8,7 +8,13 @@ last, so a killed run resumes at the first image without one::
     <root>/meta.json                the fingerprint: model weights, proposal set, layer, classes
     <root>/<key>.feat.npy           (P, D) float16 SVM features (fc7) of gt boxes + proposals
     <root>/<key>.pool5.npy          (K, D5) float16 pool5 features of the rows with IoU > 0.6 (box regression)
-    <root>/<key>.info.npz           boxes (P, 4), gt_classes (P,), overlaps (P, C), pool5_rows (K,)
+    <root>/<key>.info.npz           boxes (P, 4), gt_classes (P,), overlaps (P, C), pool5_rows (K,),
+                                    and the blake2b digest of each of the two .npy shards
+
+Every shard is checked against its digest when first read (the info file's own arrays are covered
+by the zip format's crc32), so a truncated or bit-flipped shard is never used: :meth:`FeatureCache.get`
+raises an error naming it, and the feature stage (:meth:`FeatureCache.valid`) recomputes it. Temp
+files of killed writers are removed when the next writer opens the cache (:mod:`detect.utils.stale`).
 
 Keeping pool5 only for the rows box regression trains on is what keeps the cache
 small (fc7 in float16 is 16 MB per image at 2000 boxes; pool5 for all would be 37 MB).
@@ -21,7 +27,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +77,14 @@ def _array_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+SHARDS = ("feat", "pool5")
+_INFO_ARRAYS = ("boxes", "gt_classes", "overlaps", "pool5_rows")
+
+
 class FeatureCache:
     """A directory of per-image feature files for one (model weights, proposal set, layer) fingerprint.
 
@@ -78,6 +95,8 @@ class FeatureCache:
 
     def __init__(self, root: str | Path, *, fingerprint: dict) -> None:
         self.root = Path(root)
+        self._verified: set[tuple] = set()       # (path, inode, size, mtime) of shards whose digest matched
+        self._writers = None                     # a WritersLock, taken by the first put()
         self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
         meta = self.root / "meta.json"
         if meta.is_file():
@@ -108,19 +127,57 @@ class FeatureCache:
     def put(self, image_id: str, *, boxes: np.ndarray, gt_classes: np.ndarray, overlaps: np.ndarray,
             features: np.ndarray, pool5_rows: np.ndarray, pool5: np.ndarray) -> None:
         """Write one image's rows (features stored as float16); the info file goes last and marks completion."""
+        from detect.utils.stale import join_writers
+
         key = self._key(image_id)
         if len(features) != len(boxes) or len(pool5) != len(pool5_rows):
             raise ValueError(f"{image_id}: {len(features)} feature rows for {len(boxes)} boxes, "
                              f"{len(pool5)} pool5 rows for {len(pool5_rows)} indices")
-        atomic_write_bytes(self.root / f"{key}.feat.npy", _array_bytes(np.asarray(features, dtype=np.float16)))
-        atomic_write_bytes(self.root / f"{key}.pool5.npy", _array_bytes(np.asarray(pool5, dtype=np.float16)))
+        if self._writers is None:
+            self._writers = join_writers(self.root)   # and remove the temp files of killed writers
+        digests = {}
+        for name, array in (("feat", features), ("pool5", pool5)):
+            data = _array_bytes(np.asarray(array, dtype=np.float16))
+            digests[f"{name}_digest"] = np.array(_digest(data))
+            atomic_write_bytes(self.root / f"{key}.{name}.npy", data)
         buffer = io.BytesIO()
         np.savez(buffer, image_id=np.array(image_id), boxes=np.asarray(boxes, np.float32),
                  gt_classes=np.asarray(gt_classes, np.int64), overlaps=np.asarray(overlaps, np.float32),
-                 pool5_rows=np.asarray(pool5_rows, np.int64))
+                 pool5_rows=np.asarray(pool5_rows, np.int64), **digests)
         atomic_write_bytes(self.root / f"{key}.info.npz", buffer.getvalue())
 
+    def valid(self, image_id: str) -> bool:
+        """Whether the image's files are all there and pass their checks (what the feature stage may skip)."""
+        if image_id not in self:
+            return False
+        try:
+            self.get(image_id)
+        except FeatureCacheError:
+            return False
+        return True
+
+    def _check_shard(self, path: Path, expected: str) -> None:
+        """Raise naming ``path`` unless its bytes match ``expected`` (checked once per file version)."""
+        try:
+            st = os.stat(path)
+            stamp = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+            if stamp in self._verified:
+                return
+            actual = _digest(path.read_bytes())
+        except OSError as exc:
+            raise FeatureCacheError(f"feature shard {path} is unreadable ({exc.strerror}); rerun the feature "
+                                    "stage to recompute it") from None
+        if actual != expected:
+            raise FeatureCacheError(f"feature shard {path} is corrupt (checksum mismatch: truncated or altered); "
+                                    "rerun the feature stage to recompute it")
+        self._verified.add(stamp)
+
     def get(self, image_id: str) -> CachedImage:
+        """One image's cached rows, after checking every shard against its digest.
+
+        Raises:
+            FeatureCacheError: naming the file, when the image is not cached or a file is unreadable or corrupt.
+        """
         key = self._key(image_id)
         info_path = self.root / f"{key}.info.npz"
         if not info_path.is_file():
@@ -128,15 +185,27 @@ class FeatureCache:
                                     "rerun the feature stage (it resumes)")
         try:
             with np.load(info_path, allow_pickle=False) as info:
-                arrays = {k: info[k] for k in ("boxes", "gt_classes", "overlaps", "pool5_rows")}
-            features = np.load(self.root / f"{key}.feat.npy", mmap_mode="r", allow_pickle=False)
-            pool5 = np.load(self.root / f"{key}.pool5.npy", mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError, KeyError) as exc:
-            raise FeatureCacheError(f"feature cache {self.root}: files of image '{image_id}' are unreadable "
-                                    f"({exc}); delete {info_path} and rerun the feature stage") from None
+                arrays = {k: info[k] for k in _INFO_ARRAYS}
+                digests = {name: str(info[f"{name}_digest"]) for name in SHARDS}
+        except KeyError as exc:
+            raise FeatureCacheError(f"feature shard {info_path} lacks {exc} (written by an older version, or "
+                                    "corrupt); rerun the feature stage to recompute it") from None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            raise FeatureCacheError(f"feature shard {info_path} is corrupt ({exc}); rerun the feature stage to "
+                                    "recompute it") from None
+        loaded = {}
+        for name in SHARDS:
+            path = self.root / f"{key}.{name}.npy"
+            self._check_shard(path, digests[name])
+            try:
+                loaded[name] = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise FeatureCacheError(f"feature shard {path} is unreadable ({exc}); rerun the feature stage "
+                                        "to recompute it") from None
+        features, pool5 = loaded["feat"], loaded["pool5"]
         if len(features) != len(arrays["boxes"]) or len(pool5) != len(arrays["pool5_rows"]):
             raise FeatureCacheError(f"feature cache {self.root}: files of image '{image_id}' disagree in length; "
-                                    f"delete {info_path} and rerun the feature stage")
+                                    f"rerun the feature stage to recompute them")
         return CachedImage(image_id, features=features, pool5=pool5, **arrays)
 
 

@@ -17,7 +17,7 @@ import torch
 from torchvision.ops import box_iou
 
 from detect.bbox_regression import fit_box_regressors
-from detect.data.image import read_image
+from detect.data.image import DEFAULT_MAX_PIXELS, read_image
 from detect.data.loader import image_to_tensor
 from detect.errors import ImageReadError
 from detect.feature_cache import CachedImages, FeatureCache, weights_digest
@@ -49,11 +49,13 @@ def class_overlaps(boxes: torch.Tensor, gt: torch.Tensor, gt_labels: torch.Tenso
 
 @torch.no_grad()
 def extract_features(model: RCNN, records, cache: FeatureCache, *, device: torch.device | str = "cpu",
-                     use_difficult: bool = False, min_overlap: float = 0.6,
+                     use_difficult: bool = False, min_overlap: float = 0.6, max_pixels: int = DEFAULT_MAX_PIXELS,
                      log: Callable[[str], None] = print) -> dict:
     """Stage 2: features of the ground-truth boxes and proposals of every image into the cache.
 
-    Images already cached are skipped (a killed run resumes); unreadable images are skipped and reported.
+    Images already cached (and passing their checksums) are skipped, so a killed run resumes; a cached
+    image whose files are corrupt is recomputed; unreadable images (or above ``max_pixels``) are skipped
+    and reported.
 
     Returns:
         {"computed", "skipped", "failed": {image_id: reason}, "seconds"}.
@@ -62,13 +64,15 @@ def extract_features(model: RCNN, records, cache: FeatureCache, *, device: torch
     done = {"computed": 0, "skipped": 0, "failed": {}, "seconds": 0.0}
     start = time.perf_counter()
     for record in records:
-        if record.image_id in cache:
+        if cache.valid(record.image_id):
             done["skipped"] += 1
             continue
+        if record.image_id in cache:
+            log(f"features: the cached files of image {record.image_id} are corrupt; recomputing them")
         if not use_difficult:
             record = record.without_difficult()
         try:
-            image = image_to_tensor(read_image(record.path)).to(device)
+            image = image_to_tensor(read_image(record.path, max_pixels=max_pixels)).to(device)
         except ImageReadError as exc:
             done["failed"][record.image_id] = str(exc)
             log(f"features: skipped image {record.image_id}: {exc}")
@@ -92,14 +96,18 @@ def extract_features(model: RCNN, records, cache: FeatureCache, *, device: torch
 
 def fit_svm_stage(model: RCNN, cache: FeatureCache, image_ids: list[str], cfg, *,
                   log: Callable[[str], None] = print):
-    """Stage 3: one-vs-rest linear SVMs with hard negative mining; loaded into ``model.svm``."""
+    """Stage 3: one-vs-rest linear SVMs with hard negative mining; loaded into ``model.svm``.
+
+    Deterministic: liblinear's coordinate order is seeded with ``train.seed``, so the same features give
+    bitwise the same SVMs.
+    """
     s = cfg.rcnn.svm
     images = CachedImages(cache, image_ids)
     scale = feature_scale(images, s.feature_norm)
     result = train_svms(images, model.num_classes, C=s.C, pos_weight=s.pos_weight, bias_multiplier=s.bias_multiplier,
                         hard_thresh=s.hard_thresh, easy_thresh=s.easy_thresh, neg_iou=s.neg_iou,
                         retrain_limit=s.retrain_limit, epochs=s.epochs, scale=scale, class_names=model.class_names,
-                        log=log)
+                        seed=cfg.train.seed, log=log)
     model.svm.load_result(result, scale)
     return result
 

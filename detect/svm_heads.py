@@ -13,6 +13,8 @@ Each retraining is liblinear's L2-regularised hinge-loss SVM with ``-w1 2 -c 0.0
 -B 10`` -- scikit-learn's ``LinearSVC(loss="hinge")`` with ``class_weight`` and
 ``intercept_scaling``, which wraps the same liblinear. Features are scaled so
 their mean L2 norm is 20 (``rcnn_scale_features``), which is what the small C assumes.
+liblinear's dual coordinate descent visits the samples in a random order; it is seeded
+(``seed``), so the same features always give bitwise the same detectors.
 """
 
 from __future__ import annotations
@@ -74,15 +76,18 @@ def feature_scale(images: Sequence[ImageFeatures], target_norm: float = 20.0, ma
 
 
 def fit_linear_svm(positives: np.ndarray, negatives: np.ndarray, *, C: float, pos_weight: float,
-                   bias_multiplier: float) -> tuple[np.ndarray, float]:
-    """liblinear ``-s 3 -w1 pos_weight -c C -B bias_multiplier`` on positives (+1) and negatives (-1)."""
+                   bias_multiplier: float, seed: int = 0) -> tuple[np.ndarray, float]:
+    """liblinear ``-s 3 -w1 pos_weight -c C -B bias_multiplier`` on positives (+1) and negatives (-1).
+
+    ``seed`` fixes liblinear's sample order (unseeded, sklearn draws it from numpy's global RNG).
+    """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.svm import LinearSVC
 
     x = np.concatenate([positives, negatives]).astype(np.float32, copy=False)
     y = np.concatenate([np.ones(len(positives)), -np.ones(len(negatives))])
     svm = LinearSVC(C=C, loss="hinge", dual=True, class_weight={1: pos_weight, -1: 1.0},
-                    intercept_scaling=bias_multiplier, max_iter=5000, tol=1e-4)
+                    intercept_scaling=bias_multiplier, max_iter=5000, tol=1e-4, random_state=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)   # liblinear's cap on iterations; the paper's too
         svm.fit(x, y)
@@ -92,7 +97,8 @@ def fit_linear_svm(positives: np.ndarray, negatives: np.ndarray, *, C: float, po
 def train_svms(images: Sequence[ImageFeatures], num_classes: int, *, C: float = 0.001, pos_weight: float = 2.0,
                bias_multiplier: float = 10.0, hard_thresh: float = -1.0001, easy_thresh: float = -1.2,
                neg_iou: float = 0.3, retrain_limit: int = 2000, epochs: int = 1, scale: float = 1.0,
-               class_names: Sequence[str] | None = None, log: Callable[[str], None] = print) -> SVMResult:
+               class_names: Sequence[str] | None = None, seed: int = 0,
+               log: Callable[[str], None] = print) -> SVMResult:
     """One-vs-rest linear SVMs with hard negative mining over the images' cached features.
 
     Args:
@@ -105,6 +111,7 @@ def train_svms(images: Sequence[ImageFeatures], num_classes: int, *, C: float = 
         retrain_limit: retrain a class once this many negatives were added since its last training.
         epochs: passes over the images.
         scale: features are multiplied by this (see :func:`feature_scale`).
+        seed: liblinear's seed (each retraining of class c uses ``seed + c``).
 
     Returns:
         :class:`SVMResult`; a class without positives (or negatives) gets a zero detector and a line in ``problems``.
@@ -156,7 +163,7 @@ def train_svms(images: Sequence[ImageFeatures], num_classes: int, *, C: float = 
                         added[c] += idx.size
                 if (first_time or added[c] > retrain_limit or last) and len(neg_x[c]):
                     w, b = fit_linear_svm(pos[c], neg_x[c], C=C, pos_weight=pos_weight,
-                                          bias_multiplier=bias_multiplier)
+                                          bias_multiplier=bias_multiplier, seed=seed + c)
                     result.weight[c], result.bias[c], result.fitted[c] = w, b, True
                     result.retrainings += 1
                     added[c] = 0

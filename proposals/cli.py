@@ -127,6 +127,31 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def _stored_proposals(store, image_ids: list[str]) -> tuple[dict, list[str]]:
+    """The boxes of every image the store holds, and the ids it lacks (never computed, or failed).
+
+    A damaged store is an error, not "no proposals": a truncated or corrupt record would otherwise
+    count as an image without boxes and lower the recall silently.
+    """
+    from proposals.store import ProposalStoreError
+
+    problems = store.refresh(verify=True)
+    if problems:
+        raise ProposalStoreError(f"the proposal store is damaged: {problems[0]}"
+                                 + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else "")
+                                 + "; rerun 'detect-proposals compute' with the same parameters to recompute it")
+    proposals, missing = {}, []
+    try:
+        for image_id in image_ids:
+            if image_id in store:
+                proposals[image_id] = store.get(image_id)     # a record failing its crc raises, naming it
+            else:
+                missing.append(image_id)
+    finally:
+        store.close()
+    return proposals, missing
+
+
 def cmd_eval(args) -> int:
     from proposals.compute import compute_store
     from proposals.recall import evaluate_recall, format_report, plot_recall
@@ -142,13 +167,7 @@ def cmd_eval(args) -> int:
         else:                 # no store: compute into a throwaway one
             store = ProposalStore(scratch, source.name, params)
             compute_store(source.items, store, workers=args.workers, progress=not args.no_progress)
-        proposals, missing = {}, []
-        for image_id, _ in source.items:
-            try:
-                proposals[image_id] = store.get(image_id)
-            except DetectError:
-                missing.append(image_id)
-        store.close()
+        proposals, missing = _stored_proposals(store, [image_id for image_id, _ in source.items])
     if missing:
         print(f"warning: {len(missing)} images have no proposals in {store.directory} (counted as none): "
               f"{missing[:5]}", file=sys.stderr)
@@ -240,15 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from detect.cli.common import run_cli
+
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except DetectError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume", file=sys.stderr)
-        return 130
+    return run_cli(lambda: args.func(args), interrupted="interrupted: rerun the same command to resume")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ Records are only ever appended, so a killed run leaves at worst a truncated last
 length check finds; every payload is checked against its crc32 when read, so a corrupt record is
 reported and recomputed, never returned. When an id has several records the last valid one wins,
 which is how failed images are retried. Reads seek straight to one record through the index.
+Writers (compute, merge) register in the folder (:mod:`detect.utils.stale`); the first one to find no
+other writer alive removes the temp files that killed writers left (a half-written merge, index or
+params file).
 """
 
 from __future__ import annotations
@@ -128,6 +131,7 @@ class ProposalStore:
         self.directory = Path(root) / split / self.version
         self._entries: dict[str, Entry] | None = None
         self._handles: dict[str, IO[bytes]] = {}
+        self._writers = None                  # a WritersLock, held while this process writes into the folder
 
     # ------------------------------------------------------------------ index
     def _data_files(self) -> list[Path]:
@@ -242,7 +246,11 @@ class ProposalStore:
             Problems found. Bad records are left out of the index, so their images count as not done and
             are recomputed; a part's truncated tail is cut off when its writer next opens it.
         """
+        from detect.utils.stale import join_writers
+
         self.directory.mkdir(parents=True, exist_ok=True)
+        if self._writers is None:
+            self._writers = join_writers(self.directory)
         self._check_params()
         if not (self.directory / "params.json").is_file():
             atomic_write_json(self.directory / "params.json", {"version": self.version, "params": self.params})
@@ -308,16 +316,27 @@ class ShardWriter:
             self._handle.truncate(valid)      # a killed run's half record; appending after it would hide the rest
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.sync()
-        self._handle.close()
-        self._handle = None
+    def __exit__(self, exc_type, *exc) -> None:
+        handle = self._handle
+        try:
+            if exc_type is None:
+                self.sync()
+        finally:
+            self._handle = None
+            try:
+                handle.close()                # also releases the lock
+            except OSError as error:          # unflushed bytes of a failed write: the first error is the one
+                if exc_type is None:
+                    raise OSError(error.errno, error.strerror, str(self.path)) from error
 
     def _append(self, image_id: str, status: int, count: int, payload: bytes) -> None:
         id_bytes = image_id.encode("utf-8")
         crc = zlib.crc32(payload, zlib.crc32(id_bytes))
-        self._handle.write(HEADER.pack(MAGIC, status, len(id_bytes), count, len(payload), crc) + id_bytes + payload)
-        self._handle.flush()                  # whole records reach the OS, so a killed process loses at most one
+        try:
+            self._handle.write(HEADER.pack(MAGIC, status, len(id_bytes), count, len(payload), crc) + id_bytes + payload)
+            self._handle.flush()              # whole records reach the OS, so a killed process loses at most one
+        except OSError as exc:                # a full disk names no file; the next run truncates the half record
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
         self._pending += 1
         if self._pending >= self.sync_every:
             self.sync()
@@ -331,7 +350,10 @@ class ShardWriter:
 
     def sync(self) -> None:
         if self._handle is not None and self._pending:
-            os.fsync(self._handle.fileno())
+            try:
+                os.fsync(self._handle.fileno())
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
             self._pending = 0
 
 

@@ -5,7 +5,8 @@
 Every image under ``--images`` (recursively) is written to ``--out`` at the same relative
 path with its detections drawn; ``detections.json`` (one entry per input image) and
 ``detections.csv`` (one row per detection) list file, class, score and box
-(``x1, y1, x2, y2`` in pixels). Unreadable files are listed and skipped.
+(``x1, y1, x2, y2`` in pixels). Unreadable files (truncated, not an image, above the pixel
+limit, broken symlinks, FIFOs) are listed under ``unreadable`` and skipped; the others are still drawn.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, type=Path, help="folder for the drawn images and detections.json/csv")
     parser.add_argument("--score-thresh", type=float, default=0.5, help="keep detections with at least this score")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--max-pixels", type=int, default=None,
+                        help="skip images whose header declares more pixels (default: data.max_image_pixels)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the stored config, e.g. --set model.roi_heads.nms_thresh=0.4")
     parser.add_argument("--no-progress", action="store_true")
@@ -53,26 +56,31 @@ def run(args: argparse.Namespace) -> dict:
 
     from detect.checkpoint import model_from_checkpoint
     from detect.cli.train import prepare_out_dir
-    from detect.data.folder import list_images
+    from detect.data.folder import scan_images
     from detect.data.image import read_image
     from detect.data.loader import image_to_tensor
     from detect.distributed import resolve_device
-    from detect.errors import ImageReadError
+    from detect.errors import ConfigError, ImageReadError
     from detect.utils.io import atomic_open, atomic_write_json
     from detect.visualize import draw_detections
 
     device = resolve_device(args.device)
     out_abs = args.out.resolve()
     # an --out inside --images must not feed a rerun its own drawings
-    paths = [p for p in list_images(args.images) if out_abs not in p.resolve().parents]
-    model, _, ckpt = model_from_checkpoint(args.checkpoint, overrides=args.overrides, device=device)
+    found, not_files = scan_images(args.images)
+    paths = [p for p in found if out_abs not in p.resolve().parents]
+    model, cfg, ckpt = model_from_checkpoint(args.checkpoint, overrides=args.overrides, device=device)
+    max_pixels = cfg.data.max_image_pixels if args.max_pixels is None else args.max_pixels
+    if max_pixels <= 0:
+        raise ConfigError(f"--max-pixels must be positive, got {max_pixels}")
     names = list(ckpt["class_names"])
     prepare_out_dir(args.out, resume=True, overwrite=False)
-    entries, unreadable = [], []
+    entries = []
+    unreadable = [{"file": p.relative_to(args.images).as_posix(), "reason": f"{p}: {why}"} for p, why in not_files]
     for path in tqdm(paths, desc="demo", disable=args.no_progress, dynamic_ncols=True):
         rel = path.relative_to(args.images)
         try:
-            image = read_image(path)
+            image = read_image(path, max_pixels=max_pixels)
         except ImageReadError as exc:
             unreadable.append({"file": rel.as_posix(), "reason": str(exc)})
             continue
@@ -86,6 +94,7 @@ def run(args: argparse.Namespace) -> dict:
         entries.append({"file": rel.as_posix(), "width": int(image.shape[1]), "height": int(image.shape[0]),
                         "detections": [{"class": names[int(c)], "score": float(s), "box": [float(v) for v in b]}
                                        for b, s, c in zip(boxes, scores, labels)]})
+    unreadable.sort(key=lambda item: item["file"])
     report = {"checkpoint": str(ckpt["path"]), "score_thresh": args.score_thresh, "images": entries,
               "unreadable": unreadable}
     atomic_write_json(args.out / "detections.json", report)

@@ -14,7 +14,7 @@ import numpy as np
 
 from detect.cli.common import run_cli
 from detect.data.voc import from_voc_pixels
-from detect.errors import DetectError, ResultsFormatError
+from detect.errors import DetectError
 
 METRICS = ("voc07", "voc10", "coco", "all")
 
@@ -63,15 +63,14 @@ def _load(args: argparse.Namespace):
         return records, names, coco_gt, category_ids, class_dets, coco_results
     dataset = COCODataset(args.coco, args.coco.parent, classes=_classes(args.classes))
     records, names = dataset.records, dataset.class_names
-    coco_results = read_coco_results(args.detections)
     index = {cid: i for i, cid in enumerate(dataset.image_ids.values())}
+    coco_results = read_coco_results(args.detections, image_ids=index,
+                                     category_ids=[c["id"] for c in dataset.data["categories"]])
     label_of = {cid: k for k, cid in enumerate(dataset.category_ids)}
     per_class: list[list[tuple[int, float, list[float]]]] = [[] for _ in names]
-    for n, det in enumerate(coco_results):
-        if det["image_id"] not in index:
-            raise ResultsFormatError(f"{args.detections}: entry {n} has image_id {det['image_id']}, not in {args.coco}")
+    for det in coco_results:
         if det["category_id"] not in label_of:
-            continue
+            continue     # a category of the file left out by --classes
         x, y, w, h = det["bbox"]
         per_class[label_of[det["category_id"]]].append((index[det["image_id"]], float(det["score"]), [x, y, x + w, y + h]))
     class_dets = []
@@ -111,7 +110,8 @@ def evaluate_files(args: argparse.Namespace) -> dict:
     results = {}
     for metric in (("voc07", "voc10", "coco") if args.metric == "all" else (args.metric,)):
         if metric == "coco":
-            results[metric] = evaluate_coco(coco_gt, coco_results, class_names=names, category_ids=category_ids)
+            results[metric] = evaluate_coco(coco_gt, coco_results, class_names=names, category_ids=category_ids,
+                                            source=str(args.detections))
         else:
             results[metric] = evaluate_voc(records, {}, names, metric, class_dets=class_dets, python_port=args.python_port)
     return results

@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> dict:
     if "features" in stages:
         log(f"stage 2/4: features of {len(records)} images into {cache.root}")
         done = extract_features(model, records, cache, device=device, use_difficult=cfg.data.use_difficult,
-                                min_overlap=cfg.rcnn.bbox_reg.min_overlap, log=log)
+                                min_overlap=cfg.rcnn.bbox_reg.min_overlap, max_pixels=cfg.data.max_image_pixels, log=log)
         log(f"features: {done['computed']} computed, {done['skipped']} already cached, {len(done['failed'])} failed "
             f"({done['seconds'] / max(done['computed'], 1):.2f} s/image)")
         ids = [i for i in ids if i not in done["failed"]]

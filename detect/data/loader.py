@@ -9,7 +9,8 @@ so padding to a common size wastes little.
 
 A bad image (missing, truncated, not an image) does not stop training: the dataset
 returns a :class:`Skipped` marker naming it, ``collate`` drops it from the batch and
-the engine reports it once. ``strict=True`` turns that into an error.
+the engine reports it once. ``strict=True`` turns that into an error. An image whose
+header declares more than ``max_pixels`` pixels is such a bad image: it is never decoded.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from detect.data.image import image_size, read_image
+from detect.data.image import DEFAULT_MAX_PIXELS, image_size, read_image
 from detect.data.records import ImageRecord
 from detect.errors import DatasetError, ImageReadError
 
@@ -68,19 +69,22 @@ class DetectionDataset(Dataset):
         train: drop "difficult" objects (unless ``use_difficult``), as the paper's training does.
         use_difficult: keep difficult objects in training targets.
         strict: raise on an unreadable image instead of returning :class:`Skipped`.
+        max_pixels: images declaring more pixels than this are unreadable (decompression bombs).
 
     Items are indexed by ``i`` or ``(i, flip)``; ``flip`` mirrors the image and its boxes.
     """
 
     def __init__(self, records: list[ImageRecord], class_names: list[str], *, train: bool = False,
                  use_difficult: bool = False, strict: bool = False,
-                 coco_ids: tuple[dict[str, int], list[int]] | None = None) -> None:
+                 coco_ids: tuple[dict[str, int], list[int]] | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.records = list(records)
         self.coco_ids = coco_ids   # COCO sources: (our image id -> COCO id, category id per label)
         self.class_names = list(class_names)
         self.train = train
         self.use_difficult = use_difficult
         self.strict = strict
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.records)
@@ -91,7 +95,7 @@ class DetectionDataset(Dataset):
         if self.train and not self.use_difficult:
             record = record.without_difficult()
         try:
-            image = image_to_tensor(read_image(record.path))
+            image = image_to_tensor(read_image(record.path, max_pixels=self.max_pixels))
         except ImageReadError as exc:
             if self.strict:
                 raise
@@ -291,4 +295,4 @@ def build_dataset(cfg, split: str, *, train: bool = False, strict: bool = False)
     if not records:
         raise DatasetError(f"split '{split}' of {cfg.data.root or cfg.data.format} has no usable images")
     return DetectionDataset(records, class_names, train=train, use_difficult=cfg.data.use_difficult, strict=strict,
-                            coco_ids=coco_ids)
+                            coco_ids=coco_ids, max_pixels=cfg.data.max_image_pixels)

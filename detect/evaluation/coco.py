@@ -11,6 +11,7 @@ from pycocotools.cocoeval import COCOeval
 
 from detect.data.coco import coco_from_dict
 from detect.data.records import ImageRecord
+from detect.evaluation.results import check_coco_results
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -41,13 +42,17 @@ def records_to_coco(records: list[ImageRecord], class_names: list[str]) -> tuple
 
 
 def evaluate_coco(gt: COCO | dict, results: list[dict], *, class_names: list[str] | None = None,
-                  category_ids: list[int] | None = None, verbose: bool = False) -> dict:
+                  category_ids: list[int] | None = None, verbose: bool = False, source: str = "results") -> dict:
     """Run COCOeval (bbox) on results records.
+
+    Records are checked first (COCOeval itself would drop an unknown category and rank a NaN score
+    silently): a bad one is a :class:`~detect.errors.ResultsFormatError` naming ``source`` and its index.
 
     Returns:
         {"metric": "coco", "mAP": AP, "stats": {AP, AP50, ..., ARl}, "per_class": {name: AP@[.5:.95]}}.
     """
     coco_gt = gt if isinstance(gt, COCO) else coco_from_dict(gt)
+    check_coco_results(results, source, image_ids=coco_gt.getImgIds(), category_ids=coco_gt.getCatIds())
     sink = io.StringIO()
     with contextlib.redirect_stdout(sink):
         if results:

@@ -10,6 +10,7 @@ files gives bit-for-bit the same result as evaluating the detections in memory.
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -169,18 +170,53 @@ def write_coco_results(path: str | Path, detections: dict, image_ids: dict[str, 
     return Path(path)
 
 
-def read_coco_results(path: str | Path) -> list[dict]:
-    """Load and validate a COCO results JSON (a list of detection records)."""
-    path = Path(path)
-    data = read_json(path, ResultsFormatError, "results file")
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _coco_entry_problem(rec, image_ids, category_ids) -> str | None:
+    """What is wrong with one COCO results record, or None."""
+    if not isinstance(rec, dict) or not {"image_id", "category_id", "bbox", "score"} <= set(rec):
+        return "must have image_id, category_id, bbox and score"
+    bbox, score = rec["bbox"], rec["score"]
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+        return f"has bbox {bbox!r}, expected [x, y, w, h] numbers"
+    if not _is_number(score):
+        return f"has non-numeric score {score!r}"
+    if not math.isfinite(score):
+        return f"has a non-finite score ({score})"
+    if not all(math.isfinite(v) for v in bbox):
+        return f"has a non-finite bbox coordinate {bbox}"
+    if bbox[2] < 0 or bbox[3] < 0:
+        return f"has a negative width or height in bbox {bbox} ([x, y, w, h])"
+    if image_ids is not None and rec["image_id"] not in image_ids:
+        return f"has image_id {rec['image_id']!r}, not an image of the ground truth"
+    if category_ids is not None and rec["category_id"] not in category_ids:
+        return f"has category_id {rec['category_id']!r}, not a category of the ground truth"
+    return None
+
+
+def check_coco_results(data, where: str | Path, *, image_ids=None, category_ids=None) -> list[dict]:
+    """Validate COCO results records; the first bad one is an error naming ``where``, its index and the problem.
+
+    Args:
+        data: the parsed JSON (must be a list of records).
+        where: the file (or "results") named in the error.
+        image_ids, category_ids: the ground truth's ids (None: not checked).
+    """
     if not isinstance(data, list):
-        raise ResultsFormatError(f"{path}: expected a JSON list of detections, got {type(data).__name__}")
+        raise ResultsFormatError(f"{where}: expected a JSON list of detections, got {type(data).__name__}")
+    image_ids = set(image_ids) if image_ids is not None else None
+    category_ids = set(category_ids) if category_ids is not None else None
     for i, rec in enumerate(data):
-        if not isinstance(rec, dict) or not {"image_id", "category_id", "bbox", "score"} <= set(rec):
-            raise ResultsFormatError(f"{path}: entry {i} must have image_id, category_id, bbox and score")
-        bbox = rec["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
-            raise ResultsFormatError(f"{path}: entry {i} has bbox {bbox!r}, expected [x, y, w, h] numbers")
-        if isinstance(rec["score"], bool) or not isinstance(rec["score"], (int, float)):
-            raise ResultsFormatError(f"{path}: entry {i} has non-numeric score {rec['score']!r}")
+        problem = _coco_entry_problem(rec, image_ids, category_ids)
+        if problem is not None:
+            raise ResultsFormatError(f"{where}: entry {i} {problem}")
     return data
+
+
+def read_coco_results(path: str | Path, *, image_ids=None, category_ids=None) -> list[dict]:
+    """Load and validate a COCO results JSON (a list of detection records); see :func:`check_coco_results`."""
+    path = Path(path)
+    return check_coco_results(read_json(path, ResultsFormatError, "results file"), path, image_ids=image_ids,
+                              category_ids=category_ids)

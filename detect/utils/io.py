@@ -26,8 +26,13 @@ _UMASK = _current_umask()
 def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
     """Open a temp file next to ``path``; on clean exit it replaces ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        if _unnamed(exc):
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     binary = "b" in mode
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)   # mkstemp makes 0600; give the file the usual permissions
@@ -36,12 +41,19 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError) and _unnamed(exc):
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
+
+
+def _unnamed(exc: OSError) -> bool:
+    """A failed write (disk full, EFBIG) names no file and mkstemp names the temp one: name the target instead."""
+    return exc.errno is not None and (exc.filename is None or str(exc.filename).endswith(".tmp"))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
