@@ -69,20 +69,6 @@ def hierarchical_grouping(regions: RegionSet, similarity: str) -> np.ndarray:
     boxes = np.empty((capacity, 4), dtype=np.float64)
     boxes[:n] = regions.boxes
 
-    def similarity_to(t: int, others: np.ndarray) -> np.ndarray:
-        score = np.zeros(len(others), dtype=np.float64)
-        if hist is not None:
-            score += np.minimum(hist[others], hist[t]).sum(axis=1)
-        if use_size or use_fill:
-            joint = sizes[others] + sizes[t]
-            if use_size:
-                score += 1.0 - joint / area
-            if use_fill:
-                lo = np.minimum(boxes[others, :2], boxes[t, :2])
-                hi = np.maximum(boxes[others, 2:], boxes[t, 2:])
-                score += 1.0 - ((hi - lo).prod(axis=1) - joint) / area
-        return score
-
     neighbours: list[set[int]] = [set() for _ in range(n)]
     heap: list[tuple[float, int, int]] = []
     pairs = regions.pairs
@@ -104,21 +90,41 @@ def hierarchical_grouping(regions: RegionSet, similarity: str) -> np.ndarray:
         # Ties are broken by the region ids, so the merge order is a pure function of the input.
         heap = list(zip((-first).tolist(), a_list, b_list))
         heapq.heapify(heap)
+    count = _merge_all(heap, neighbours, hist, sizes, boxes, n=n, area=area, use_size=use_size, use_fill=use_fill)
+    return boxes[:count].copy()
 
+
+def _merge_all(heap: list[tuple[float, int, int]], neighbours: list[set[int]], hist: np.ndarray | None,
+               sizes: np.ndarray, boxes: np.ndarray, *, n: int, area: float, use_size: bool, use_fill: bool) -> int:
+    """Algorithm 1's loop: pop the most similar live pair, merge it, score the new region's neighbours.
+
+    Fills rows n.. of ``hist`` (C, D), ``sizes`` (C,) and ``boxes`` (C, 4) in place and returns how many
+    rows are in use. Sizes and boxes are followed as Python floats (a merge touches a handful of
+    neighbours, where numpy's per-call cost would dominate); it is the same IEEE double arithmetic, in
+    the same order, as a vectorised score, so the merges do not depend on it. Histograms stay float32
+    rows, merged in float64 as the size-weighted mean (Sec. 3.2).
+    """
+    size_of = sizes[:n].tolist()
+    box_of = [tuple(b) for b in boxes[:n].tolist()]
     alive = [True] * n
+    heappop, heappush, f64 = heapq.heappop, heapq.heappush, np.float64
     t = n
     while heap:
-        _, i, j = heapq.heappop(heap)
+        _, i, j = heappop(heap)
         if not (alive[i] and alive[j]):
             continue
         alive[i] = alive[j] = False
         alive.append(True)
-        si, sj = sizes[i], sizes[j]
-        sizes[t] = si + sj
-        boxes[t, :2] = np.minimum(boxes[i, :2], boxes[j, :2])
-        boxes[t, 2:] = np.maximum(boxes[i, 2:], boxes[j, 2:])
+        si, sj = size_of[i], size_of[j]
+        st = si + sj
+        size_of.append(st)
+        (ax1, ay1, ax2, ay2), (bx1, by1, bx2, by2) = box_of[i], box_of[j]
+        x1, y1 = (ax1 if ax1 < bx1 else bx1), (ay1 if ay1 < by1 else by1)
+        x2, y2 = (ax2 if ax2 > bx2 else bx2), (ay2 if ay2 > by2 else by2)
+        box_of.append((x1, y1, x2, y2))
         if hist is not None:
-            hist[t] = (hist[i] * si + hist[j] * sj) / (si + sj)
+            # float64 scalars: with Python floats numpy would compute this mean in float32
+            hist[t] = (hist[i] * f64(si) + hist[j] * f64(sj)) / f64(st)
         around = (neighbours[i] | neighbours[j]) - {i, j}
         neighbours[i] = neighbours[j] = set()
         for u in around:
@@ -128,8 +134,24 @@ def hierarchical_grouping(regions: RegionSet, similarity: str) -> np.ndarray:
             nu.add(t)
         neighbours.append(around)
         if around:
-            others = np.fromiter(around, dtype=np.int64, count=len(around))
-            for score, u in zip(similarity_to(t, others).tolist(), others.tolist()):
-                heapq.heappush(heap, (-score, u, t))
+            others = list(around)
+            if hist is not None:
+                scores = np.minimum(hist[others], hist[t]).sum(axis=1).tolist()
+            else:
+                scores = [0.0] * len(others)
+            for score, u in zip(scores, others):
+                if use_size or use_fill:
+                    joint = size_of[u] + st
+                    if use_size:
+                        score += 1.0 - joint / area
+                    if use_fill:
+                        ux1, uy1, ux2, uy2 = box_of[u]
+                        w = (ux2 if ux2 > x2 else x2) - (ux1 if ux1 < x1 else x1)
+                        h = (uy2 if uy2 > y2 else y2) - (uy1 if uy1 < y1 else y1)
+                        score += 1.0 - (w * h - joint) / area
+                heappush(heap, (-score, u, t))
         t += 1
-    return boxes[:t].copy()
+    if t > n:
+        sizes[n:t] = size_of[n:]
+        boxes[n:t] = box_of[n:]
+    return t
