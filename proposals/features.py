@@ -22,6 +22,9 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
+from proposals import segmentation
+from proposals.segmentation import PixelGraph
+
 COLOUR_SPACES = ("rgb", "hsv", "lab", "rgi", "i", "h")
 COLOUR_BINS = 25
 TEXTURE_BINS = 10
@@ -67,17 +70,23 @@ def convert_colour(image: np.ndarray, space: str) -> np.ndarray:
 
 
 def segment(image: np.ndarray, k: float, *, sigma: float = 0.8, min_size: int | None = None,
-            segmenter: Segmenter = "opencv") -> np.ndarray:
+            segmenter: Segmenter = "opencv", graph: PixelGraph | None = None) -> np.ndarray:
     """Felzenszwalb-Huttenlocher graph segmentation (the paper's initial regions, Sec. 3.1).
 
     Args:
         image: (H, W, C) uint8 in any colour space; ``k`` is on the usual 0..255 pixel scale.
         min_size: smallest segment in pixels; the paper's code uses ``k``.
+        segmenter: ``opencv`` gives OpenCV-contrib's labels, computed by :mod:`proposals.segmentation`
+            for 3-channel images when numba is installed (faster, same labels) and by OpenCV otherwise.
+        graph: ``pixel_graph(image, sigma=sigma)``, to share its sorted edges between several k.
 
     Returns:
         (H, W) int32 labels 0..n-1, every label present.
     """
     min_size = int(k) if min_size is None else int(min_size)
+    if segmenter == "opencv" and segmentation.available(image):
+        graph = graph if graph is not None else segmentation.pixel_graph(image, sigma=float(sigma))
+        return segmentation.graph_segmentation(graph, k, min_size=min_size)    # labels already 0..n-1
     if segmenter == "opencv":
         seg = cv2.ximgproc.segmentation.createGraphSegmentation(sigma=float(sigma), k=float(k), min_size=min_size)
         labels = seg.processImage(np.ascontiguousarray(image))

@@ -24,9 +24,11 @@ from typing import Literal, Sequence
 import cv2
 import numpy as np
 
+from proposals import segmentation
 from proposals.features import COLOUR_SPACES, Segmenter, build_regions, colour_codes, convert_colour, segment, \
     texture_codes
 from proposals.grouping import check_similarity, hierarchical_grouping
+from proposals.segmentation import pixel_graph
 
 Mode = Literal["single", "fast", "quality"]
 Backend = Literal["ours", "opencv"]
@@ -122,8 +124,11 @@ def _ours(image: np.ndarray, plan: list[Strategy], *, seed: int, sigma: float, m
         sims = [s.similarity for group in by_k.values() for s in group]
         colour = colour_codes(converted) if any("C" in s for s in sims) else None
         texture = texture_codes(converted) if any("T" in s for s in sims) else None
+        # one sorted edge list serves every k of this colour space
+        shared = segmenter == "opencv" and segmentation.available(converted)
+        graph = pixel_graph(converted, sigma=sigma) if shared else None
         for k, group in by_k.items():
-            labels = segment(converted, k, sigma=sigma, min_size=min_size, segmenter=segmenter)
+            labels = segment(converted, k, sigma=sigma, min_size=min_size, segmenter=segmenter, graph=graph)
             regions = build_regions(labels, colour=colour, texture=texture)
             for strategy in group:
                 found[strategy] = hierarchical_grouping(regions, strategy.similarity)

@@ -234,3 +234,42 @@ def test_same_boxes_as_the_reference_implementation_on_a_real_image():
     assert len(boxes) == 3148
     assert hashlib.sha256(boxes.tobytes()).hexdigest() == \
         "75ca8d68941c0c7c38cfd6022c86298a46b456c666dfd0dd7c93d6f1fedf445e"
+
+
+def test_compiled_segmentation_gives_opencvs_labels(monkeypatch):
+    # proposals.segmentation re-implements OpenCV-contrib's GraphSegmentation; any change of weights, merge
+    # rule, clean-up order or label numbering shows up as a differing label map.
+    import cv2
+
+    from detect.data.image import read_image
+    from proposals import segmentation
+    from tests.conftest import SHARED_DATA
+
+    if not segmentation.available(blobs()):
+        pytest.skip("numba not installed: OpenCV's segmentation is used")
+    images = [noisy_blobs(11), blobs(seed=12)]
+    path = SHARED_DATA / "raccoon" / "JPEGImages" / "raccoon-5.jpg"
+    if path.exists():
+        images.append(read_image(path))
+    for image in images:
+        for space in ("hsv", "lab", "rgi"):
+            converted = convert_colour(image, space)
+            graph = segmentation.pixel_graph(converted, sigma=0.8)
+            for k in (50, 150):
+                opencv = cv2.ximgproc.segmentation.createGraphSegmentation(sigma=0.8, k=k, min_size=k)
+                expected = opencv.processImage(np.ascontiguousarray(converted))
+                np.testing.assert_array_equal(segmentation.graph_segmentation(graph, k, min_size=k), expected)
+    # without numba, segment() falls back to OpenCV and still gives the same labels
+    converted = convert_colour(images[0], "lab")
+    compiled = segment(converted, 100)
+    monkeypatch.setattr(segmentation, "numba", None)
+    assert not segmentation.available(converted)
+    np.testing.assert_array_equal(segment(converted, 100), compiled)
+
+
+def test_single_channel_images_are_segmented_by_opencv():
+    # hue images have many equal-weight edges whose order OpenCV's sort decides: they stay with OpenCV
+    from proposals import segmentation
+
+    assert not segmentation.available(np.zeros((4, 5, 1), np.uint8))
+    assert segmentation.available(np.zeros((4, 5, 3), np.uint8)) == (segmentation.numba is not None)
