@@ -1,7 +1,9 @@
-"""Where a training run reports: ``metrics.jsonl``, TensorBoard (when installed) and a tqdm bar.
+"""The run folder of a training: its lock, ``metrics.jsonl``, TensorBoard (when installed) and a tqdm bar.
 
 Only rank 0 writes. On resume, ``metrics.jsonl`` is cut back to the resumed iteration
-(rewritten atomically) so the file never holds two lines for one iteration.
+(rewritten atomically) so the file never holds two lines for one iteration. While a training
+runs, rank 0 holds ``<run>/.lock`` (:func:`lock_run_dir`): a second training into the same
+folder is refused with one line; the lock of a killed run is taken over.
 """
 
 from __future__ import annotations
@@ -9,9 +11,64 @@ from __future__ import annotations
 import json
 import math
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
-from detect.utils.io import atomic_write_text
+from detect import distributed
+from detect.errors import DetectError
+from detect.utils.io import FileLock, atomic_write_text, remove_stale_temp_files
+
+LOCK_NAME = ".lock"
+
+
+class RunDirBusy(DetectError):
+    """Another process is training into this run folder."""
+
+
+@contextmanager
+def lock_run_dir(out_dir: str | Path, *, log: Callable[[str], None] = print) -> Iterator[None]:
+    """Hold the run folder's lock (rank 0; every rank learns the outcome) for the ``with`` block.
+
+    Re-entrant within a process (the CLI holds it around ``fit``, which takes it again). The lock
+    dies with its holder, so a folder whose training was killed is taken over, with a message.
+
+    Raises:
+        RunDirBusy: on every rank, when another live process holds the lock.
+    """
+    out_dir = Path(out_dir)
+    lock, error = None, None
+    if distributed.is_main():
+        try:
+            lock = FileLock(out_dir / LOCK_NAME, error=RunDirBusy, what=f"output folder {out_dir}").acquire()
+        except RunDirBusy as exc:
+            error = f"{exc}; wait for that training to end, or choose another --out"
+        except OSError as exc:
+            error = f"output folder {out_dir} is not writable ({exc.strerror or exc})"
+    error = distributed.broadcast_object(error)
+    if error is not None:
+        raise RunDirBusy(error)
+    if lock is not None and lock.stale_holder:
+        log(f"took over {out_dir}: its previous training ({lock.stale_holder}) ended without releasing it")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def clean_run_dir(out_dir: str | Path, *, log: Callable[[str], None] = print) -> list[Path]:
+    """Delete the temp files interrupted writes left in a run folder and its ``checkpoints/``.
+
+    Call it holding the run folder's lock: then no other process writes there, so every temp file
+    is stale, whoever made it.
+    """
+    out_dir = Path(out_dir)
+    removed = [p for d in (out_dir, out_dir / "checkpoints") for p in remove_stale_temp_files(d, locked=True)]
+    if removed:
+        log(f"removed {len(removed)} temp file(s) left by an interrupted write: {', '.join(p.name for p in removed[:3])}"
+            f"{' ...' if len(removed) > 3 else ''}")
+    return removed
 
 
 def json_safe(value):
