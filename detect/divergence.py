@@ -15,9 +15,11 @@ before the forward pass, so the model is exactly as if the batch had not been se
 - a gradient is NaN or inf (without AMP; with AMP the GradScaler skips such steps itself).
 
 ``train.max_nonfinite`` bad steps in a row stop the run. Parameters or buffers that are NaN or inf
-*after* the optimizer step cannot be undone: the run stops at once. The checks cost one max-abs
-reduction over the gradients and one over parameters and buffers per step (no copy of the weights;
-only the floating-point buffers are copied, a few KB for the tiny detector).
+*after* the optimizer step, or in the optimizer state before a checkpoint, cannot be undone: the
+run stops at once. Values beyond ~1e19 count as non-finite (see :func:`all_finite`). The checks
+cost one fused norm over the gradients and one over parameters and buffers per step (no copy of
+the weights; only the floating-point buffers are copied, 3 KB for the tiny detector): about 1 ms
+of a ~450 ms step of the tiny detector on one CPU thread.
 """
 
 from __future__ import annotations
@@ -35,15 +37,20 @@ LOSS_FLOOR = 1.0
 
 
 def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
-    """Whether no element of ``tensors`` is NaN or inf (one fused max-abs reduction, no overflow)."""
+    """Whether no element of ``tensors`` is NaN or inf.
+
+    One fused L2 norm per device and dtype (``get_total_norm``, what gradient clipping uses): on a
+    CPU 8x faster than ``isfinite`` or a max-abs. Its squares overflow for values beyond ~1e19,
+    which therefore count as non-finite too; no healthy detector has such weights or gradients.
+    """
     tensors = [t.detach() for t in tensors if t.numel()]
-    return not tensors or bool(torch.isfinite(get_total_norm(tensors, norm_type=math.inf)))
+    return not tensors or bool(torch.isfinite(get_total_norm(tensors, norm_type=2.0)))
 
 
 def first_non_finite(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
-    """The name of the first tensor holding NaN or inf (the slow path, for the message)."""
+    """The name of the first tensor holding NaN, inf or values beyond ~1e19 (the slow path, for the message)."""
     for name, tensor in named:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and tensor.numel() and not all_finite([tensor]):
             return name
     return None
 
@@ -95,18 +102,22 @@ class StepGuard:
         named = ((n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None)
         return f"non-finite gradient of {first_non_finite(named) or 'the parameters (norm overflow)'}"
 
-    def weights_problem(self, optimizer: torch.optim.Optimizer) -> str | None:
-        """Parameters, buffers or optimizer state holding NaN or inf after the optimizer step, or None.
+    def weights_problem(self, optimizer: torch.optim.Optimizer | None = None) -> str | None:
+        """Parameters or buffers (and ``optimizer``'s state, when given) holding NaN or inf, or None.
 
-        The optimizer state counts: AdamW's squared-gradient average overflows to inf from finite
-        gradients of ~1e20, which freezes those weights and would poison every later checkpoint.
+        Checked after every step without the optimizer state, and with it before each checkpoint:
+        the gradient check already refuses gradients whose squares would overflow AdamW's
+        squared-gradient average, so the state cannot overflow from one step to the next.
         """
-        state = [(f"optimizer state '{key}'", value) for entry in optimizer.state.values()
-                 for key, value in entry.items() if torch.is_tensor(value) and value.is_floating_point()]
+        state = []
+        if optimizer is not None:   # 0-dim entries (AdamW's step counter) would make the fused norm 6x slower
+            state = [(f"optimizer state '{key}'", value) for entry in optimizer.state.values()
+                     for key, value in entry.items() if torch.is_tensor(value) and value.is_floating_point()
+                     and value.dim() > 0]
         if all_finite(self.params) and all_finite(b for _, b in self.buffers) and all_finite(v for _, v in state):
             return None
         named = [*((n, p) for n, p in self.model.named_parameters()), *self.buffers, *state]
-        return f"non-finite {first_non_finite(named)} after the optimizer step"
+        return f"non-finite {first_non_finite(named)}"
 
     def accept(self, loss: float) -> None:
         """Record the loss of a good step."""

@@ -37,13 +37,10 @@ from detect import distributed
 from detect.config import Config, TrainConfig, config_to_dict
 from detect.data.loader import Batch, DetectionDataset, GroupedBatchSampler, eval_loader, train_loader
 from detect.divergence import StepGuard
-from detect.optim import Schedule, build_optimizer, build_scheduler, lr_factor, resolve_schedule  # noqa: F401
 from detect.errors import DetectError
 from detect.evaluation.results import detection_to_numpy
-from detect.runlog import MetricsLog, ProgressBar, clean_run_dir, lock_run_dir
-
-LOSS_NAMES = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box")
-
+from detect.optim import Schedule, build_optimizer, build_scheduler, lr_factor, resolve_schedule  # noqa: F401
+from detect.runlog import LOSS_NAMES, MetricsLog, ProgressBar, clean_run_dir, lock_run_dir, summarise  # noqa: F401
 
 class TrainingDiverged(DetectError):
     """``train.max_nonfinite`` bad steps in a row, or NaN/inf weights after a step (see :mod:`detect.divergence`)."""
@@ -57,6 +54,7 @@ class TrainState:
     iteration: int = 0
     nonfinite_in_row: int = 0                    # bad steps in a row (the name predates the other rules)
     bad_since: int | None = None                 # iterations done when the current run of bad steps began
+    last_ids: list = field(default_factory=list)  # this rank's images of the last batch (for messages)
     reported: set = field(default_factory=set)   # bad images already reported
 
 
@@ -89,6 +87,7 @@ def train_one_epoch(loss_fn: Callable, loader, optimizer, scheduler, state: Trai
                 log(f"skipped image {bad.image_id}: {bad.reason}")
         record: dict = {"iteration": state.iteration + 1, "lr": optimizer.param_groups[0]["lr"],
                         "images": len(batch) * distributed.get_world_size()}
+        state.last_ids = batch.image_ids()
         # Every rank must take the same branch: DDP's backward is a collective.
         if distributed.all_true(len(batch) > 0):
             _step(loss_fn, batch, optimizer, state, record, cfg=cfg, device=device, params=params, guard=guard,
@@ -134,13 +133,7 @@ def _step(loss_fn: Callable, batch: Batch, optimizer, state: TrainState, record:
             record.update({k: float(v.detach()) for k, v in losses.items()}, loss=value)
             guard.accept(value)
             state.nonfinite_in_row, state.bad_since = 0, None
-            problem = guard.weights_problem(optimizer)
-            if not distributed.all_true(problem is None):
-                state.bad_since = state.iteration + 1   # the state after this step is the first bad one
-                ids = _batch_ids(batch)
-                raise TrainingDiverged(f"training diverged at iteration {state.iteration + 1} on images {ids}: "
-                                       f"{problem or 'non-finite values on another process'}; lower train.lr "
-                                       f"or set train.clip_grad_norm")
+            _check_weights(guard, state, state.iteration + 1)
             return
     elif distributed.is_distributed():
         (total * 0.0).backward()   # completes DDP's pending reduction; the gradients are dropped
@@ -149,16 +142,23 @@ def _step(loss_fn: Callable, batch: Batch, optimizer, state: TrainState, record:
     record["skipped_step"] = problem or "bad step on another process"
 
 
-def _batch_ids(batch: Batch) -> list[str]:
-    """The image ids of the global batch (a collective: every rank calls it)."""
-    return [i for ids in distributed.all_gather_object(batch.image_ids()) for i in ids]
+def _check_weights(guard: StepGuard, state: TrainState, iteration: int, optimizer=None) -> None:
+    """Stop the run when the weights (or ``optimizer``'s state) hold NaN or inf after ``iteration`` steps."""
+    problem = guard.weights_problem(optimizer)
+    if not distributed.all_true(problem is None):
+        state.bad_since = iteration   # the state after this step is the first bad one
+        where = "after the optimizer step" if optimizer is None else "before the checkpoint"
+        ids = [i for ids in distributed.all_gather_object(state.last_ids) for i in ids]
+        raise TrainingDiverged(f"training diverged at iteration {iteration} on images {ids}: "
+                               f"{problem or 'non-finite values on another process'} {where}; lower train.lr "
+                               f"or set train.clip_grad_norm")
 
 
 def _bad_step(state: TrainState, cfg: TrainConfig, problem: str | None, losses: dict, batch: Batch, log) -> None:
     state.nonfinite_in_row += 1
     if state.bad_since is None:
         state.bad_since = state.iteration
-    ids = _batch_ids(batch)
+    ids = [i for ids in distributed.all_gather_object(batch.image_ids()) for i in ids]
     problem = next((p for p in distributed.all_gather_object(problem) if p), "bad step")
     values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
     log(f"iteration {state.iteration + 1}: {problem} ({values}) on images {ids}; step skipped")
@@ -329,6 +329,7 @@ def _fit(model: nn.Module, train_set: DetectionDataset, cfg: Config, *, out_dir:
     window: list[dict] = []
 
     def save(iteration: int) -> Path | None:
+        _check_weights(guard, state, iteration, optimizer)
         # One RNG state and one loss history per rank.
         rng, recent_losses = zip(*distributed.all_gather_object((ckpt_io.rng_state(), guard.recent)))
         path = None
@@ -347,7 +348,7 @@ def _fit(model: nn.Module, train_set: DetectionDataset, cfg: Config, *, out_dir:
         bar.update(1, record)
         it = st.iteration
         if it % tcfg.log_period == 0 or it == schedule.max_iter:
-            metrics.write(_summarise(window, it, it / schedule.iters_per_epoch))
+            metrics.write(summarise(window, it, it / schedule.iters_per_epoch))
             window.clear()
         if val_set is not None and schedule.eval_period > 0 and it % schedule.eval_period == 0 \
                 and it < schedule.max_iter:
@@ -396,19 +397,3 @@ def _set_aside_diverged(message: str, directory: Path, state: TrainState) -> str
     if latest is not None:
         message += f"; --resume would continue from {latest.name}"
     return message
-
-
-def _summarise(window: list[dict], iteration: int, epoch: float) -> dict:
-    """Mean losses, last LR and images/s over the iterations since the last log line."""
-    out = {"iteration": iteration, "epoch": round(epoch, 4), "lr": window[-1]["lr"] if window else 0.0}
-    done = [r for r in window if "loss" in r]
-    for key in ("loss", *LOSS_NAMES, "grad_norm"):
-        values = [r[key] for r in done if key in r]
-        if values:
-            out[key] = float(np.mean(values))
-    seconds = sum(r["time"] for r in window)
-    out["images_per_s"] = sum(r["images"] for r in window) / seconds if seconds > 0 else 0.0
-    skipped = sum(1 for r in window if "skipped_step" in r)
-    if skipped:
-        out["skipped_steps"] = skipped
-    return out

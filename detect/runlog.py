@@ -15,11 +15,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
+
 from detect import distributed
 from detect.errors import DetectError
 from detect.utils.io import FileLock, atomic_write_text, remove_stale_temp_files
 
 LOCK_NAME = ".lock"
+LOSS_NAMES = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box")
 
 
 class RunDirBusy(DetectError):
@@ -66,8 +69,8 @@ def clean_run_dir(out_dir: str | Path, *, log: Callable[[str], None] = print) ->
     out_dir = Path(out_dir)
     removed = [p for d in (out_dir, out_dir / "checkpoints") for p in remove_stale_temp_files(d, locked=True)]
     if removed:
-        log(f"removed {len(removed)} temp file(s) left by an interrupted write: {', '.join(p.name for p in removed[:3])}"
-            f"{' ...' if len(removed) > 3 else ''}")
+        names = ", ".join(p.name for p in removed[:3]) + (" ..." if len(removed) > 3 else "")
+        log(f"removed {len(removed)} temp file(s) left by an interrupted write: {names}")
     return removed
 
 
@@ -163,3 +166,19 @@ class ProgressBar:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def summarise(window: list[dict], iteration: int, epoch: float) -> dict:
+    """Mean losses, last LR and images/s over the iterations since the last log line."""
+    out = {"iteration": iteration, "epoch": round(epoch, 4), "lr": window[-1]["lr"] if window else 0.0}
+    done = [r for r in window if "loss" in r]
+    for key in ("loss", *LOSS_NAMES, "grad_norm"):
+        values = [r[key] for r in done if key in r]
+        if values:
+            out[key] = float(np.mean(values))
+    seconds = sum(r["time"] for r in window)
+    out["images_per_s"] = sum(r["images"] for r in window) / seconds if seconds > 0 else 0.0
+    skipped = sum(1 for r in window if "skipped_step" in r)
+    if skipped:
+        out["skipped_steps"] = skipped
+    return out

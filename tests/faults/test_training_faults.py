@@ -379,3 +379,20 @@ def test_a_truncated_checkpoint_is_refused_and_an_unsealed_old_one_still_loads(t
         path.write_bytes(data[:size])
         with pytest.raises(CheckpointError, match=r"c\.pt: not a readable checkpoint: truncated or damaged"):
             ck.load_checkpoint(path)
+
+
+def test_weights_that_overflow_in_the_optimizer_step_stop_the_run_at_that_iteration(images, tmp_path):
+    """Finite loss and gradients, but lr x gradient overflows float32: nothing can undo that step."""
+    class Steep(FakeDetector):
+        def loss(self, images, targets):
+            losses = super().loss(images, targets)
+            losses["loss_cls"] = losses["loss_cls"] * 100.0   # gradients of ~10: 1e38 x 10 > float32's 3.4e38
+            return losses
+
+    torch.manual_seed(0)
+    with pytest.raises(TrainingDiverged) as caught:
+        fit(Steep(random=False), images, fake_config(max_iter=4, lr=1e38, checkpoint_period=1),
+            out_dir=tmp_path, progress=False, log=lambda m: None)
+    assert str(caught.value).startswith("training diverged at iteration 1 on images [")
+    assert "non-finite conv.weight after the optimizer step" in str(caught.value)
+    assert not (tmp_path / "checkpoints").exists()

@@ -10,6 +10,7 @@ workers outlive it for a moment while the resumed run starts (they must not hold
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,8 @@ from detect.cli import train
 from detect.engine import fit
 from tests.engine_fakes import FakeDetector, fake_config, fake_dataset
 from tests.faults.test_training_faults import CONFIG, tiny_args
-from tests.faults.training_children import IN_WRITE, STEP, Child, freeze_checkpoint_write, mark_steps, run, temp_files
+from tests.faults.training_children import (IN_WRITE, STEP, Child, freeze_checkpoint_write, mark_steps, run,
+                                            temp_files)
 
 FAKE = dict(max_iter=12, steps=[9], checkpoint_period=2, keep_checkpoints=2)
 SEEDS = range(8)
@@ -74,8 +76,6 @@ def test_killed_at_a_random_moment_then_resumed_ends_bitwise_equal(seed, images,
     child = Child(_fake_training(images, out), log=tmp_path / "killed.log")
     alive = child.wait_for(STEP, after_steps)
     if alive:
-        import time
-
         time.sleep(delay)
     child.kill()
     print(f"{what}: exit {child.status}, checkpoints {[i for i, _ in ck.list_checkpoints(out / 'checkpoints')]}, "
@@ -119,10 +119,14 @@ def test_real_detector_with_workers_killed_inside_a_write_resumes_bitwise_equal(
     assert code == 0, printed
     out = tmp_path / "run"
     child = Child(training(out, freeze=2), log=tmp_path / "killed.log")   # inside ckpt_0000004.pt
-    assert child.wait_for(IN_WRITE, timeout=120), child.text()
-    child.kill()                      # the trainer only: its workers may still hold its files open
-    assert [p.split(".pt.")[0] for p in temp_files(out)] == [".ckpt_0000004"]
-    code, printed = run(training(out, resume=True), log=tmp_path / "resumed.log")
+    try:
+        assert child.wait_for(IN_WRITE, timeout=120), child.text()
+        child.kill(group=False)   # the trainer only: its 2 workers live on a few seconds, holding its files open
+        print(f"workers of the killed trainer still running when the resumed run starts: {child.group_alive()}")
+        assert [p.split(".pt.")[0] for p in temp_files(out)] == [".ckpt_0000004"]
+        code, printed = run(training(out, resume=True), log=tmp_path / "resumed.log")
+    finally:
+        child.kill()
     assert code == 0, printed
     assert "ckpt_0000002.pt at iteration 2" in printed and "removed 1 temp file(s)" in printed
     _assert_same(_weights(tmp_path / "ref" / "model_final.pt"), _weights(out / "model_final.pt"), "real detector")

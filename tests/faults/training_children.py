@@ -75,11 +75,19 @@ class Child:
             self.seen += chunk
         return True
 
-    def kill(self, *, group: bool = False) -> None:
-        """SIGKILL the trainer (and its workers when ``group``); reap it."""
+    def kill(self, *, group: bool = True) -> None:
+        """SIGKILL the trainer, and its DataLoader workers unless ``group`` is False; reap the trainer."""
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, signal.SIGKILL) if group else os.kill(self.pid, signal.SIGKILL)
         self.join()
+
+    def group_alive(self) -> bool:
+        """Whether a process of the child's group (an orphaned worker) still runs."""
+        try:
+            os.killpg(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
 
     def join(self, timeout: float = 120.0) -> int:
         """Exit code (negative: killed by that signal)."""
@@ -95,8 +103,6 @@ class Child:
                 time.sleep(0.01)
             self.status = os.waitstatus_to_exitcode(status)
             os.close(self.pipe)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, signal.SIGKILL)   # orphaned DataLoader workers of a killed trainer
         return self.status
 
     def text(self) -> str:
@@ -106,7 +112,10 @@ class Child:
 def run(target: Callable, *, log: Path, timeout: float = 120.0) -> tuple[int, str]:
     """Run ``target`` in a child to the end: ``(exit code, its output)``."""
     child = Child(target, log=log)
-    code = child.join(timeout)
+    try:
+        code = child.join(timeout)
+    finally:
+        child.kill()   # a worker left behind
     return code, child.text()
 
 
