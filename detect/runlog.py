@@ -53,6 +53,8 @@ def lock_run_dir(out_dir: str | Path, *, log: Callable[[str], None] = print) -> 
         raise RunDirBusy(error)
     if lock is not None and lock.stale_holder:
         log(f"took over {out_dir}: its previous training ({lock.stale_holder}) ended without releasing it")
+    if lock is not None and lock.unsupported:
+        log(f"warning: cannot lock {out_dir} ({lock.unsupported}); a second training into it would not be refused")
     try:
         yield
     finally:
@@ -63,8 +65,7 @@ def lock_run_dir(out_dir: str | Path, *, log: Callable[[str], None] = print) -> 
 def clean_run_dir(out_dir: str | Path, *, log: Callable[[str], None] = print) -> list[Path]:
     """Delete the temp files interrupted writes left in a run folder and its ``checkpoints/``.
 
-    Call it holding the run folder's lock: then no other process writes there, so every temp file
-    is stale, whoever made it.
+    Call it holding the run folder's lock (see :func:`detect.utils.io.remove_stale_temp_files`).
     """
     out_dir = Path(out_dir)
     removed = [p for d in (out_dir, out_dir / "checkpoints") for p in remove_stale_temp_files(d, locked=True)]

@@ -98,9 +98,10 @@ def _pid_alive(pid: int) -> bool:
 def remove_stale_temp_files(directory: str | Path, *, locked: bool = False) -> list[Path]:
     """Delete the temp files that killed :func:`atomic_open` writers left in ``directory``.
 
-    A file whose writer pid is dead goes. ``locked`` says the caller holds the folder's lock, so
-    no other process writes there: then every such temp file goes, including those of writers
-    of other hosts or of older versions whose names carry no pid. Returns the removed paths.
+    A file whose writer pid is gone is deleted; one of a live process is kept. A name without a pid
+    (written by versions before the pid was added) is deleted only when ``locked`` says the caller
+    holds the folder's lock, so that no writer of those versions can be at work there. Returns the
+    removed paths.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -111,9 +112,7 @@ def remove_stale_temp_files(directory: str | Path, *, locked: bool = False) -> l
         if match is None or not path.is_file():
             continue
         pid = match.group("pid")
-        if pid is not None and int(pid) == os.getpid():
-            continue   # our own write in flight (another thread)
-        if locked or (pid is not None and not _pid_alive(int(pid))):
+        if (locked if pid is None else not _pid_alive(int(pid))):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
@@ -122,6 +121,7 @@ def remove_stale_temp_files(directory: str | Path, *, locked: bool = False) -> l
 # --------------------------------------------------------------------------- locks
 
 _HELD: dict[str, list] = {}   # resolved lock path -> [owner pid, depth, open handle]
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
 class FileLock:
@@ -144,6 +144,7 @@ class FileLock:
         self.error = error
         self.what = what or str(self.path)
         self.stale_holder = ""   # set by acquire(): the dead holder whose lock was taken over
+        self.unsupported = ""    # set by acquire(): why the file system cannot lock (then nothing is refused)
 
     def acquire(self) -> "FileLock":
         key = str(self.path.resolve())
@@ -156,12 +157,15 @@ class FileLock:
         try:
             fcntl.lockf(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            handle.close()
-            if exc.errno not in (errno.EACCES, errno.EAGAIN):
-                raise
-            holder = _read_holder(self.path)
-            raise self.error(f"{self.what} is in use by another process ({holder or 'holder unknown'}; "
-                             f"lock file {self.path})") from None
+            if exc.errno in _NO_LOCKS:   # a file system without POSIX locks: carry on, unprotected
+                self.unsupported = exc.strerror or str(exc)
+            else:
+                handle.close()
+                if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
+                holder = _read_holder(self.path)
+                raise self.error(f"{self.what} is in use by another process ({holder or 'holder unknown'}; "
+                                 f"lock file {self.path})") from None
         handle.seek(0)
         self.stale_holder = handle.read().strip()
         handle.seek(0)

@@ -253,6 +253,22 @@ def test_under_torchrun_only_rank_0_takes_the_lock_and_every_rank_gets_its_verdi
             pass
 
 
+def test_a_file_system_without_locks_trains_unprotected_and_says_so(tmp_path, monkeypatch):
+    import errno
+
+    from detect.utils import io as io_utils
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(io_utils.fcntl, "lockf", no_locks)
+    messages = []
+    with lock_run_dir(tmp_path / "run", log=messages.append):
+        pass
+    assert messages == [f"warning: cannot lock {tmp_path / 'run'} (No locks available); a second training into "
+                        f"it would not be refused"]
+
+
 # --------------------------------------------------------------------------- partial files
 
 
