@@ -311,14 +311,15 @@ def load_for_resume(source: str | Path, *, log: Callable[[str], None] = print) -
     if not candidates:
         raise CheckpointError(f"no checkpoint to resume from in {source} (expected checkpoints/ckpt_*.pt)")
     problems = []
-    for _, path in reversed(candidates):
+    for index, (_, path) in enumerate(reversed(candidates)):
         try:
             return _training_state(load_checkpoint(path))
         except CheckpointError as exc:
             problems.append(str(exc))
-            log(f"{exc}; falling back to the previous checkpoint")
-    raise CheckpointError(f"no usable checkpoint in {source}: all {len(candidates)} are damaged "
-                          f"(newest: {problems[0]})")
+            if index + 1 < len(candidates):
+                log(f"{exc}; falling back to the previous checkpoint")
+    raise CheckpointError(f"no usable checkpoint in {source}: " + (
+        problems[0] if len(problems) == 1 else f"none of its {len(problems)} is (the newest: {problems[0]})"))
 
 
 def _training_state(ckpt: dict) -> dict:
