@@ -25,7 +25,7 @@ from tests.faults.training_children import (IN_WRITE, STEP, Child, freeze_checkp
                                             temp_files)
 
 FAKE = dict(max_iter=12, steps=[9], checkpoint_period=2, keep_checkpoints=2)
-SEEDS = range(8)
+SEEDS = range(12)
 
 
 @pytest.fixture(scope="module")
@@ -101,33 +101,62 @@ def test_killed_inside_a_checkpoint_write_then_resumed_ends_bitwise_equal(write,
     assert temp_files(out) == [], what
 
 
-def test_real_detector_with_workers_killed_inside_a_write_resumes_bitwise_equal(tmp_path):
-    """Issue 17: the real tiny Faster R-CNN, 2 DataLoader workers, a real kill -9 of the trainer process."""
+def _real_training(out: Path, synth: Path, *, resume: bool = False, freeze: int = 0):
+    """tools/train.py on the real tiny detector with 2 DataLoader workers (the resumed run: ``--resume``)."""
+    def target(report):
+        mark_steps(report)
+        if freeze:
+            freeze_checkpoint_write(report, freeze)
+        return train.main(tiny_args(out, synth, "train.workers=2", resume=resume))
+    return target
+
+
+@pytest.fixture(scope="module")
+def real_reference(tmp_path_factory):
     if not CONFIG.is_file():
         pytest.skip("configs/faster_rcnn/tiny_synthetic.yaml not present")
-    synth = tmp_path / "synth"
-    sets = ("train.workers=2",)
-
-    def training(out: Path, *, resume: bool = False, freeze: int = 0):
-        def target(report):
-            if freeze:
-                freeze_checkpoint_write(report, freeze)
-            return train.main(tiny_args(out, synth, *sets, resume=resume))
-        return target
-
-    code, printed = run(training(tmp_path / "ref"), log=tmp_path / "ref.log")
+    base = tmp_path_factory.mktemp("real")
+    code, printed = run(_real_training(base / "ref", base / "synth"), log=base / "ref.log")
     assert code == 0, printed
+    return base / "synth", _weights(base / "ref" / "model_final.pt")
+
+
+def test_real_detector_with_workers_killed_inside_a_write_resumes_bitwise_equal(real_reference, tmp_path):
+    """Issue 17: the real tiny Faster R-CNN, 2 DataLoader workers, a real kill -9 of the trainer process."""
+    synth, reference = real_reference
     out = tmp_path / "run"
-    child = Child(training(out, freeze=2), log=tmp_path / "killed.log")   # inside ckpt_0000004.pt
+    child = Child(_real_training(out, synth, freeze=2), log=tmp_path / "killed.log")   # inside ckpt_0000004.pt
     try:
         assert child.wait_for(IN_WRITE, timeout=120), child.text()
         child.kill(group=False)   # the trainer only: its 2 workers live on a few seconds, holding its files open
         print(f"workers of the killed trainer still running when the resumed run starts: {child.group_alive()}")
         assert [p.split(".pt.")[0] for p in temp_files(out)] == [".ckpt_0000004"]
-        code, printed = run(training(out, resume=True), log=tmp_path / "resumed.log")
+        code, printed = run(_real_training(out, synth, resume=True), log=tmp_path / "resumed.log")
     finally:
         child.kill()
     assert code == 0, printed
     assert "ckpt_0000002.pt at iteration 2" in printed and "removed 1 temp file(s)" in printed
-    _assert_same(_weights(tmp_path / "ref" / "model_final.pt"), _weights(out / "model_final.pt"), "real detector")
+    _assert_same(reference, _weights(out / "model_final.pt"), "real detector")
     assert temp_files(out) == []
+
+
+@pytest.mark.parametrize("seed", [0])
+def test_real_detector_killed_at_a_random_moment_resumes_bitwise_equal(seed, real_reference, tmp_path):
+    synth, reference = real_reference
+    rng = random.Random(seed)
+    after_steps, delay = rng.randint(1, 5), rng.uniform(0.0, 0.2)
+    what = f"real detector, seed {seed}: kill -9 {delay * 1000:.0f} ms after iteration {after_steps}"
+    print(what)
+    out = tmp_path / "run"
+    child = Child(_real_training(out, synth), log=tmp_path / "killed.log")
+    try:
+        if child.wait_for(STEP, after_steps, timeout=120):
+            time.sleep(delay)
+        child.kill()
+        print(f"{what}: exit {child.status}, checkpoints {[i for i, _ in ck.list_checkpoints(out / 'checkpoints')]}")
+        code, printed = run(_real_training(out, synth, resume=True), log=tmp_path / "resumed.log")
+    finally:
+        child.kill()
+    assert code == 0, f"{what}: {printed}"
+    _assert_same(reference, _weights(out / "model_final.pt"), what)
+    assert temp_files(out) == [], what
