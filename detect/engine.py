@@ -271,6 +271,13 @@ def fit(model: nn.Module, train_set: DetectionDataset, cfg: Config, *, out_dir: 
                     resume=resume, stop_after=stop_after, log=log, progress=progress, loss_kwargs=loss_kwargs)
 
 
+def _seed(seed: int) -> None:
+    """Seed a fresh run: every rank draws its own RoI/anchor samples; rank 0 (plain seed) matches 1 process."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 def _restore(ckpt: dict, model, optimizer, scheduler, scaler, state: TrainState, *, amp: bool) -> list[float]:
     """Load a training state into the run; returns this rank's recent good losses."""
     rank = distributed.get_rank()
@@ -306,27 +313,23 @@ def _fit(model: nn.Module, train_set: DetectionDataset, cfg: Config, *, out_dir:
     amp = tcfg.amp and device.type == "cuda"
     if tcfg.amp and not amp:
         log("train.amp ignored: mixed precision needs CUDA")
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
-    config_dict = config_to_dict(cfg)
-    state, recent = TrainState(), []
+    scaler, config_dict = torch.amp.GradScaler(device.type, enabled=amp), config_to_dict(cfg)
+    state = TrainState()
     if resume is not None:
         ckpt = ckpt_io.load_for_resume(resume, log=log)
         ckpt_io.check_compatible(ckpt, config=config_dict, class_names=train_set.class_names)
-        recent = _restore(ckpt, model, optimizer, scheduler, scaler, state, amp=amp)
+        guard = StepGuard(model, recent=_restore(ckpt, model, optimizer, scheduler, scaler, state, amp=amp))
         log(f"resumed from {ckpt['path']} at iteration {state.iteration}")
     else:
-        # Every rank draws its own RoI/anchor samples; rank 0 with the plain seed matches a 1-process run.
-        torch.manual_seed(tcfg.seed + rank)
-        np.random.seed(tcfg.seed + rank)
-        random.seed(tcfg.seed + rank)
-    guard = StepGuard(model, recent=recent)
+        _seed(tcfg.seed + rank)
+        guard = StepGuard(model)
     loss_fn = distributed.wrap_for_training(model, device)
     metrics = MetricsLog(out_dir, resume_at=state.iteration if resume is not None else 0,
                          enabled=distributed.is_main())
     bar = ProgressBar(total=schedule.max_iter, initial=state.iteration, desc="train",
                       enabled=progress and distributed.is_main())
-    history: list[dict] = []
-    window: list[dict] = []
+    history: list[dict] = []   # evaluation records
+    window: list[dict] = []    # step records since the last log line
 
     def save(iteration: int) -> Path | None:
         _check_weights(guard, state, iteration, optimizer)
