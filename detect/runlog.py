@@ -45,12 +45,13 @@ def lock_run_dir(out_dir: str | Path, *, log: Callable[[str], None] = print) -> 
         try:
             lock = FileLock(out_dir / LOCK_NAME, error=RunDirBusy, what=f"output folder {out_dir}").acquire()
         except RunDirBusy as exc:
-            error = f"{exc}; wait for that training to end, or choose another --out"
+            error = (True, f"{exc}; wait for that training to end, or choose another --out")
         except OSError as exc:
-            error = f"output folder {out_dir} is not writable ({exc.strerror or exc})"
+            error = (False, f"output folder {out_dir} is not writable ({exc.strerror or exc})")
     error = distributed.broadcast_object(error)
     if error is not None:
-        raise RunDirBusy(error)
+        busy, message = error
+        raise (RunDirBusy if busy else DetectError)(message)
     if lock is not None and lock.stale_holder:
         log(f"took over {out_dir}: its previous training ({lock.stale_holder}) ended without releasing it")
     if lock is not None and lock.unsupported:

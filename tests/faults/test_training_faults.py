@@ -246,7 +246,7 @@ def test_under_torchrun_only_rank_0_takes_the_lock_and_every_rank_gets_its_verdi
     with lock_run_dir(tmp_path / "run"):
         pass
     assert not (tmp_path / "run" / ".lock").exists()
-    verdict = "output folder x is in use by another process (pid 1)"
+    verdict = (True, "output folder x is in use by another process (pid 1)")
     monkeypatch.setattr(runlog.distributed, "broadcast_object", lambda obj, src=0: verdict)   # rank 0: busy
     with pytest.raises(RunDirBusy, match=r"^output folder x is in use by another process \(pid 1\)$"):
         with lock_run_dir(tmp_path / "run"):
