@@ -1,4 +1,4 @@
-"""Checkpoints: written atomically, loaded with ``weights_only=True``, checked against the model.
+"""Checkpoints: written atomically with a checksum, loaded with ``weights_only=True``, checked against the model.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so
 ``torch.load(..., weights_only=True)`` can read it and a file holding arbitrary
@@ -7,26 +7,38 @@ resume bit-for-bit: model, optimizer, LR scheduler, AMP scaler, the RNG states o
 torch / numpy / Python (as tensors and lists) and the iteration count, which fixes
 the position inside the epoch (the batch order is a pure function of seed and epoch).
 The resolved config and the class names travel with it.
+
+Integrity: ``torch.load`` does not check the zip's CRCs, so a flipped bit in a weight would load
+silently. Each file therefore ends with a seal, 16 marker bytes and the sha256 of everything
+before them, checked before the file is unpickled (zip readers ignore bytes after the archive,
+so ``torch.load`` still reads a sealed file directly). A file without the seal (written before
+it existed) loads unchecked. A checkpoint is never written, nor loaded, with a NaN or inf in
+its weights, buffers or optimizer state.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import io
 import pickle
 import random
 import re
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from detect.errors import CheckpointError
-from detect.utils.io import atomic_write_bytes, atomic_write_text
+from detect.utils.io import atomic_open, atomic_write_text, remove_stale_temp_files
 
 FORMAT = "detect-checkpoint"
-VERSION = 1
+VERSION = 1   # the seal changed the file, not the payload: older readers still load sealed files
 _NAME = re.compile(r"^ckpt_(\d+)\.pt$")
+SEAL = b"detect-sha256:v1"   # followed by the 32-byte sha256 of the bytes before it
+_ZIP_MAGIC = b"PK\x03\x04"
 
 
 # --------------------------------------------------------------------------- RNG state
@@ -85,11 +97,70 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, config: dict, class_n
         payload["rng"] = rng
     if extra:
         payload["extra"] = extra
+    path = Path(path)
+    bad = non_finite_entry(payload)
+    if bad is not None:
+        raise CheckpointError(f"{path}: not written: {bad} holds NaN or inf (the training diverged)")
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    path = Path(path)
-    atomic_write_bytes(path, buffer.getvalue())
+    data = buffer.getbuffer()
+    try:
+        with atomic_open(path, "wb", encoding=None) as handle:
+            handle.write(data)
+            handle.write(SEAL + hashlib.sha256(data).digest())
+    except OSError as exc:   # disk full, file too large, folder gone: the temp file is already removed
+        raise CheckpointError(f"{path}: could not be written ({_reason(exc)}); the files written before it "
+                              f"are intact") from None
+    finally:
+        data.release()
     return path
+
+
+def _reason(exc: OSError) -> str:
+    """``"ENOSPC: No space left on device"``."""
+    code = errno.errorcode.get(exc.errno, "") if exc.errno is not None else ""
+    text = exc.strerror or str(exc)
+    return f"{code}: {text}" if code else text
+
+
+def non_finite_entry(payload: dict) -> str | None:
+    """The first weight, buffer or optimizer-state tensor of ``payload`` holding NaN or inf, or None."""
+    for key, value in payload.get("model", {}).items():
+        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return f"model weight '{key}'"
+    for index, entry in payload.get("optimizer", {}).get("state", {}).items():
+        for key, value in entry.items():
+            if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                return f"optimizer state '{key}' of parameter {index}"
+    return None
+
+
+def verify_file(path: Path) -> None:
+    """Refuse a file that is not a PyTorch archive, or whose seal does not match its content."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(len(_ZIP_MAGIC))
+        if head != _ZIP_MAGIC:
+            raise CheckpointError(f"{path}: not a checkpoint (not a PyTorch archive: {size} bytes starting "
+                                  f"{head!r})")
+        tail = len(SEAL) + hashlib.sha256().digest_size
+        if size < tail + len(_ZIP_MAGIC):
+            return
+        handle.seek(size - tail)
+        seal = handle.read(tail)
+        if not seal.startswith(SEAL):
+            return   # written before seals existed (or cut short: the zip reader reports that)
+        digest, remaining = hashlib.sha256(), size - tail
+        handle.seek(0)
+        while remaining > 0:
+            chunk = handle.read(min(remaining, 1 << 22))
+            if not chunk:
+                break
+            digest.update(chunk)
+            remaining -= len(chunk)
+    if digest.digest() != seal[len(SEAL):]:
+        raise CheckpointError(f"{path}: damaged: its content does not match the sha256 sealed in when it was "
+                              f"written (a flipped bit or a partial copy); not used")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -107,6 +178,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         path = found
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    verify_file(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -114,7 +186,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: refused to load: it contains pickled objects other than tensors "
                               f"and plain containers ({first[:200]})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0][:200]})") from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{path}: not a readable checkpoint: truncated or damaged ({first[:200]})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a checkpoint of this toolkit (no '{FORMAT}' marker); "
                               f"a bare state dict cannot say which model or classes it belongs to")
@@ -123,6 +196,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     for key in ("model", "config", "class_names"):
         if key not in payload:
             raise CheckpointError(f"{path}: checkpoint has no '{key}' entry")
+    bad = non_finite_entry(payload)
+    if bad is not None:
+        raise CheckpointError(f"{path}: {bad} holds NaN or inf (written by a training that diverged); not used")
     payload["path"] = str(path)
     return payload
 
@@ -191,13 +267,84 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def save_periodic(directory: str | Path, iteration: int, keep: int, **kwargs) -> Path:
-    """Save ``ckpt_<iteration>.pt`` and delete all but the newest ``keep`` (0 keeps all)."""
+    """Save ``ckpt_<iteration>.pt`` and delete all but the newest ``keep`` (0 keeps all).
+
+    Pruning also deletes the temp files that killed writers left in ``directory``.
+    """
     path = save_checkpoint(checkpoint_path(directory, iteration), iteration=iteration, **kwargs)
-    atomic_write_text(Path(directory) / "last_checkpoint", path.name + "\n")
+    _write_pointer(Path(directory), path.name)
     if keep > 0:
         for _, old in list_checkpoints(directory)[:-keep]:
             old.unlink(missing_ok=True)
+    remove_stale_temp_files(directory)
     return path
+
+
+def _write_pointer(directory: Path, name: str | None) -> None:
+    """``last_checkpoint`` names the newest periodic checkpoint (for people and scripts)."""
+    pointer = directory / "last_checkpoint"
+    try:
+        if name is None:
+            pointer.unlink(missing_ok=True)
+        else:
+            atomic_write_text(pointer, name + "\n")
+    except OSError as exc:
+        raise CheckpointError(f"{pointer}: could not be written ({_reason(exc)})") from None
+
+
+def load_for_resume(source: str | Path, *, log: Callable[[str], None] = print) -> dict:
+    """The training state to resume from.
+
+    Args:
+        source: a checkpoint file (used as it is, or refused), or a run folder: its newest periodic
+            checkpoint that loads, passes its checksum and holds finite values; a damaged newer one
+            is skipped with a message, so a run killed while its newest file was mangled resumes
+            from the one before.
+
+    Raises:
+        CheckpointError: nothing usable, or the checkpoint holds weights only.
+    """
+    source = Path(source)
+    if not source.is_dir():
+        return _training_state(load_checkpoint(source))
+    candidates = list_checkpoints(source / "checkpoints") or list_checkpoints(source)
+    if not candidates:
+        raise CheckpointError(f"no checkpoint to resume from in {source} (expected checkpoints/ckpt_*.pt)")
+    problems = []
+    for index, (_, path) in enumerate(reversed(candidates)):
+        try:
+            return _training_state(load_checkpoint(path))
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            if index + 1 < len(candidates):
+                log(f"{exc}; falling back to the previous checkpoint")
+    raise CheckpointError(f"no usable checkpoint in {source}: " + (
+        problems[0] if len(problems) == 1 else f"none of its {len(problems)} is (the newest: {problems[0]})"))
+
+
+def _training_state(ckpt: dict) -> dict:
+    if "optimizer" not in ckpt or "rng" not in ckpt:
+        raise CheckpointError(f"{ckpt['path']}: holds weights only, not a training state to resume")
+    return ckpt
+
+
+def set_aside(directory: str | Path, first_iteration: int) -> list[Path]:
+    """Rename the periodic checkpoints from ``first_iteration`` on to ``*.pt.diverged``.
+
+    A run that diverged has finite but useless weights from the iteration its loss took off; this
+    keeps ``--resume`` from choosing them while leaving them for inspection.
+    """
+    directory = Path(directory)
+    moved = []
+    for iteration, path in list_checkpoints(directory):
+        if iteration >= first_iteration:
+            target = path.with_name(path.name + ".diverged")
+            path.replace(target)
+            moved.append(target)
+    if moved:
+        remaining = list_checkpoints(directory)
+        _write_pointer(directory, remaining[-1][1].name if remaining else None)
+    return moved
 
 
 def model_from_checkpoint(path: str | Path, *, overrides: list[str] | None = None,

@@ -7,15 +7,21 @@ checkpoint and the iteration count: the batch order is a pure function of
 ``(seed, epoch)``, so a run killed at any moment and resumed from its last checkpoint
 ends with the same weights as one that was never interrupted (CPU, deterministic).
 
-A step whose loss is not finite is skipped and logged with the batch's image ids;
-``train.max_nonfinite`` such steps in a row stop the run.
+A bad step (a NaN/inf or exploded loss, NaN/inf gradients or BatchNorm statistics: the rules are
+in :mod:`detect.divergence`) is skipped and logged with the batch's image ids;
+``train.max_nonfinite`` bad steps in a row, or NaN/inf weights after a step, stop the run with
+:class:`TrainingDiverged` (one line naming the iteration and the images; the tools exit 2). The
+periodic checkpoints written from the state that started the bad steps are then renamed
+``*.pt.diverged``, so ``--resume`` continues from the last healthy one; no checkpoint is ever
+written with a NaN or inf in it.
+
+The run folder is locked while ``fit`` runs (:func:`detect.runlog.lock_run_dir`): a second training
+into it is refused, and temp files that a killed run left there are deleted.
 """
 
 from __future__ import annotations
 
-import bisect
 import inspect
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -30,72 +36,14 @@ from detect import checkpoint as ckpt_io
 from detect import distributed
 from detect.config import Config, TrainConfig, config_to_dict
 from detect.data.loader import Batch, DetectionDataset, GroupedBatchSampler, eval_loader, train_loader
+from detect.divergence import StepGuard
 from detect.errors import DetectError
 from detect.evaluation.results import detection_to_numpy
-from detect.runlog import MetricsLog, ProgressBar
-
-LOSS_NAMES = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box")
-
+from detect.optim import Schedule, build_optimizer, build_scheduler, lr_factor, resolve_schedule  # noqa: F401
+from detect.runlog import LOSS_NAMES, MetricsLog, ProgressBar, clean_run_dir, lock_run_dir, summarise  # noqa: F401
 
 class TrainingDiverged(DetectError):
-    """The loss stayed non-finite for ``train.max_nonfinite`` iterations in a row."""
-
-
-# --------------------------------------------------------------------------- optimiser and schedule
-
-
-@dataclass
-class Schedule:
-    """The schedule in iterations (epochs already converted)."""
-
-    max_iter: int
-    steps: list[int]
-    checkpoint_period: int
-    eval_period: int
-    iters_per_epoch: int
-
-
-def resolve_schedule(cfg: TrainConfig, iters_per_epoch: int) -> Schedule:
-    unit = iters_per_epoch if cfg.schedule_unit == "epoch" else 1
-    return Schedule(max_iter=cfg.max_iter * unit, steps=[s * unit for s in cfg.steps],
-                    checkpoint_period=cfg.checkpoint_period * unit, eval_period=cfg.eval_period * unit,
-                    iters_per_epoch=iters_per_epoch)
-
-
-def lr_factor(iteration: int, cfg: TrainConfig, schedule: Schedule) -> float:
-    """Multiplier of the base LR at ``iteration``: warm-up times step decay or cosine."""
-    if cfg.schedule == "cosine":
-        factor = 0.5 * (1.0 + math.cos(math.pi * min(iteration, schedule.max_iter) / max(schedule.max_iter, 1)))
-    else:
-        factor = cfg.gamma ** bisect.bisect_right(sorted(schedule.steps), iteration)
-    if iteration < cfg.warmup_iters:
-        alpha = iteration / cfg.warmup_iters
-        factor *= cfg.warmup_factor * (1.0 - alpha) + alpha
-    return factor
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD (or AdamW) over the trainable parameters; biases get ``bias_lr_factor`` x LR (py-faster-rcnn: 2x, no decay).
-
-    AdamW (Loshchilov & Hutter, ICLR 2019) is not in the papers; it is here because the
-    from-scratch tiny trunk of the CPU demo leaves its class-agnostic plateau several times
-    sooner with it than with SGD. ``momentum`` is its beta1.
-    """
-    weights, biases = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (biases if name.endswith(".bias") else weights).append(param)
-    groups = [{"params": weights}]
-    if biases:
-        groups.append({"params": biases, "lr": cfg.lr * cfg.bias_lr_factor,
-                       "weight_decay": cfg.weight_decay if cfg.bias_weight_decay else 0.0})
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
-def build_scheduler(optimizer, cfg: TrainConfig, schedule: Schedule) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg, schedule))
+    """``train.max_nonfinite`` bad steps in a row, or NaN/inf weights after a step (see :mod:`detect.divergence`)."""
 
 
 # --------------------------------------------------------------------------- one epoch
@@ -104,7 +52,9 @@ def build_scheduler(optimizer, cfg: TrainConfig, schedule: Schedule) -> torch.op
 @dataclass
 class TrainState:
     iteration: int = 0
-    nonfinite_in_row: int = 0
+    nonfinite_in_row: int = 0                    # bad steps in a row (the name predates the other rules)
+    bad_since: int | None = None                 # iterations done when the current run of bad steps began
+    last_ids: list = field(default_factory=list)  # this rank's images of the last batch (for messages)
     reported: set = field(default_factory=set)   # bad images already reported
 
 
@@ -115,18 +65,18 @@ def _to_device(batch: Batch, device: torch.device) -> tuple[list[torch.Tensor], 
 
 
 def train_one_epoch(loss_fn: Callable, loader, optimizer, scheduler, state: TrainState, *, cfg: TrainConfig,
-                    device: torch.device, end_iter: int, params: list[nn.Parameter], scaler=None,
-                    on_step: Callable[[TrainState, dict], bool] | None = None, log: Callable[[str], None] = print,
+                    device: torch.device, end_iter: int, params: list[nn.Parameter], guard: StepGuard,
+                    scaler=None, on_step: Callable[[TrainState, dict], bool] | None = None,
+                    log: Callable[[str], None] = print,
                     loss_kwargs: dict | Callable[[list[torch.Tensor]], dict] | None = None) -> bool:
     """Run the loader's batches until it ends or ``state.iteration`` reaches ``end_iter``.
 
     ``loss_fn(images, targets)`` is ``model.loss`` (or its DDP wrapper) and returns the
-    four named losses; their sum is minimised. ``on_step`` runs after every iteration
-    and returns True to stop. Returns True when stopped by ``on_step``. ``loss_kwargs`` are extra
-    arguments of the loss (alternating training: ``stage``, ``proposals``), or a function of the images
-    that returns them.
+    four named losses; their sum is minimised. ``guard`` judges each step (:mod:`detect.divergence`).
+    ``on_step`` runs after every iteration and returns True to stop. Returns True when stopped by
+    ``on_step``. ``loss_kwargs`` are extra arguments of the loss (alternating training: ``stage``,
+    ``proposals``), or a function of the images that returns them.
     """
-    amp = scaler is not None and scaler.is_enabled()
     for batch in loader:
         if state.iteration >= end_iter:
             break
@@ -137,31 +87,11 @@ def train_one_epoch(loss_fn: Callable, loader, optimizer, scheduler, state: Trai
                 log(f"skipped image {bad.image_id}: {bad.reason}")
         record: dict = {"iteration": state.iteration + 1, "lr": optimizer.param_groups[0]["lr"],
                         "images": len(batch) * distributed.get_world_size()}
+        state.last_ids = batch.image_ids()
         # Every rank must take the same branch: DDP's backward is a collective.
         if distributed.all_true(len(batch) > 0):
-            images, targets = _to_device(batch, device)
-            extra = loss_kwargs(images) if callable(loss_kwargs) else (loss_kwargs or {})
-            with torch.autocast(device.type, enabled=amp):
-                losses = loss_fn(images, targets, **extra)
-            total = sum(losses.values())
-            if distributed.all_true(bool(torch.isfinite(total))):
-                state.nonfinite_in_row = 0
-                scaler.scale(total).backward() if amp else total.backward()
-                if cfg.clip_grad_norm > 0:
-                    if amp:
-                        scaler.unscale_(optimizer)
-                    record["grad_norm"] = float(nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm))
-                if amp:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                record.update({k: float(v.detach()) for k, v in losses.items()}, loss=float(total.detach()))
-            else:
-                if distributed.is_distributed():
-                    (total * 0.0).backward()   # completes DDP's pending reduction; the gradients are dropped
-                _non_finite(state, cfg, losses, batch, log)
-                record["skipped_step"] = "non-finite loss"
+            _step(loss_fn, batch, optimizer, state, record, cfg=cfg, device=device, params=params, guard=guard,
+                  scaler=scaler, log=log, loss_kwargs=loss_kwargs)
         else:
             record["skipped_step"] = "no readable image"
         optimizer.zero_grad(set_to_none=True)
@@ -173,15 +103,69 @@ def train_one_epoch(loss_fn: Callable, loader, optimizer, scheduler, state: Trai
     return False
 
 
-def _non_finite(state: TrainState, cfg: TrainConfig, losses: dict, batch: Batch, log) -> None:
+def _step(loss_fn: Callable, batch: Batch, optimizer, state: TrainState, record: dict, *, cfg: TrainConfig,
+          device: torch.device, params: list[nn.Parameter], guard: StepGuard, scaler, log, loss_kwargs) -> None:
+    """One optimizer step on ``batch``, or a skipped one that leaves the model as it was."""
+    amp = scaler is not None and scaler.is_enabled()
+    images, targets = _to_device(batch, device)
+    extra = loss_kwargs(images) if callable(loss_kwargs) else (loss_kwargs or {})
+    saved = guard.snapshot()
+    with torch.autocast(device.type, enabled=amp):
+        losses = loss_fn(images, targets, **extra)
+    total = sum(losses.values())
+    value = float(total.detach())
+    problem = guard.forward_problem(value)
+    if distributed.all_true(problem is None):
+        scaler.scale(total).backward() if amp else total.backward()
+        norm = None
+        if cfg.clip_grad_norm > 0:
+            if amp:
+                scaler.unscale_(optimizer)
+            norm = nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+            record["grad_norm"] = float(norm)
+        problem = None if amp else guard.gradient_problem(norm)   # AMP: the scaler skips inf gradients itself
+        if distributed.all_true(problem is None):
+            if amp:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            record.update({k: float(v.detach()) for k, v in losses.items()}, loss=value)
+            guard.accept(value)
+            state.nonfinite_in_row, state.bad_since = 0, None
+            _check_weights(guard, state, state.iteration + 1)
+            return
+    elif distributed.is_distributed():
+        (total * 0.0).backward()   # completes DDP's pending reduction; the gradients are dropped
+    guard.restore(saved)
+    _bad_step(state, cfg, problem, losses, batch, log)
+    record["skipped_step"] = problem or "bad step on another process"
+
+
+def _check_weights(guard: StepGuard, state: TrainState, iteration: int, optimizer=None) -> None:
+    """Stop the run when the weights (or ``optimizer``'s state) hold NaN or inf after ``iteration`` steps."""
+    problem = guard.weights_problem(optimizer)
+    if not distributed.all_true(problem is None):
+        state.bad_since = iteration   # the state after this step is the first bad one
+        where = "after the optimizer step" if optimizer is None else "before the checkpoint"
+        ids = [i for ids in distributed.all_gather_object(state.last_ids) for i in ids]
+        raise TrainingDiverged(f"training diverged at iteration {iteration} on images {ids}: "
+                               f"{problem or 'non-finite values on another process'} {where}; lower train.lr "
+                               f"or set train.clip_grad_norm")
+
+
+def _bad_step(state: TrainState, cfg: TrainConfig, problem: str | None, losses: dict, batch: Batch, log) -> None:
     state.nonfinite_in_row += 1
+    if state.bad_since is None:
+        state.bad_since = state.iteration
     ids = [i for ids in distributed.all_gather_object(batch.image_ids()) for i in ids]
+    problem = next((p for p in distributed.all_gather_object(problem) if p), "bad step")
     values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
-    log(f"iteration {state.iteration + 1}: non-finite loss ({values}) on images {ids}; step skipped")
+    log(f"iteration {state.iteration + 1}: {problem} ({values}) on images {ids}; step skipped")
     if state.nonfinite_in_row >= cfg.max_nonfinite:
-        raise TrainingDiverged(f"the loss was not finite for {state.nonfinite_in_row} iterations in a row "
-                               f"(last at iteration {state.iteration + 1}, images {ids}); lower train.lr, "
-                               f"set train.clip_grad_norm or check those images' annotations")
+        raise TrainingDiverged(f"training diverged at iteration {state.iteration + 1} on images {ids}: {problem} "
+                               f"for {state.nonfinite_in_row} iterations in a row; lower train.lr, set "
+                               f"train.clip_grad_norm or check those images' annotations")
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -267,15 +251,54 @@ def fit(model: nn.Module, train_set: DetectionDataset, cfg: Config, *, out_dir: 
     """Train ``model`` on ``train_set`` as ``cfg.train`` says; checkpoints and logs go to ``out_dir``.
 
     Args:
-        resume: a checkpoint file, or a run folder whose newest checkpoint is used.
+        resume: a checkpoint file, or a run folder whose newest usable checkpoint is used
+            (:func:`detect.checkpoint.load_for_resume`: a damaged newest one is skipped, with a message).
         stop_after: stop (as if killed, without saving) once this many iterations are done.
         loss_kwargs: extra arguments of ``model.loss`` (see :func:`train_one_epoch`).
 
     Returns:
         ``{"iteration", "stopped", "final_checkpoint", "history": [eval records]}``.
+
+    Raises:
+        TrainingDiverged: the run diverged (see :mod:`detect.divergence`).
+        RunDirBusy: another process trains into ``out_dir``.
     """
-    tcfg, device = cfg.train, torch.device(device)
     out_dir = Path(out_dir)
+    with lock_run_dir(out_dir, log=log):
+        if distributed.is_main():
+            clean_run_dir(out_dir, log=log)
+        return _fit(model, train_set, cfg, out_dir=out_dir, device=torch.device(device), val_set=val_set,
+                    resume=resume, stop_after=stop_after, log=log, progress=progress, loss_kwargs=loss_kwargs)
+
+
+def _seed(seed: int) -> None:
+    """Seed a fresh run: every rank draws its own RoI/anchor samples; rank 0 (plain seed) matches 1 process."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _restore(ckpt: dict, model, optimizer, scheduler, scaler, state: TrainState, *, amp: bool) -> list[float]:
+    """Load a training state into the run; returns this rank's recent good losses."""
+    rank = distributed.get_rank()
+    ckpt_io.load_model_weights(model, ckpt)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if amp and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    state.iteration = ckpt["iteration"]
+    extra = ckpt.get("extra", {})
+    state.nonfinite_in_row = extra.get("nonfinite_in_row", 0)
+    state.bad_since = extra.get("bad_since")
+    rngs = ckpt["rng"]
+    ckpt_io.set_rng_state(rngs[rank] if isinstance(rngs, list) and rank < len(rngs) else rngs)
+    recent = extra.get("recent_losses") or []   # one list per rank
+    return list(recent[rank]) if rank < len(recent) else []
+
+
+def _fit(model: nn.Module, train_set: DetectionDataset, cfg: Config, *, out_dir: Path, device: torch.device,
+         val_set, resume, stop_after, log, progress, loss_kwargs) -> dict:
+    tcfg = cfg.train
     if tcfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
         torch.backends.cudnn.benchmark = False
@@ -290,45 +313,36 @@ def fit(model: nn.Module, train_set: DetectionDataset, cfg: Config, *, out_dir: 
     amp = tcfg.amp and device.type == "cuda"
     if tcfg.amp and not amp:
         log("train.amp ignored: mixed precision needs CUDA")
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
-    config_dict = config_to_dict(cfg)
+    scaler, config_dict = torch.amp.GradScaler(device.type, enabled=amp), config_to_dict(cfg)
     state = TrainState()
     if resume is not None:
-        ckpt = ckpt_io.load_checkpoint(resume)
+        ckpt = ckpt_io.load_for_resume(resume, log=log)
         ckpt_io.check_compatible(ckpt, config=config_dict, class_names=train_set.class_names)
-        if "optimizer" not in ckpt or "rng" not in ckpt:
-            raise ckpt_io.CheckpointError(f"{ckpt['path']}: holds weights only, not a training state to resume")
-        ckpt_io.load_model_weights(model, ckpt)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if amp and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        state.iteration = ckpt["iteration"]
-        state.nonfinite_in_row = ckpt.get("extra", {}).get("nonfinite_in_row", 0)
-        rngs = ckpt["rng"]
-        ckpt_io.set_rng_state(rngs[rank] if isinstance(rngs, list) and rank < len(rngs) else rngs)
+        guard = StepGuard(model, recent=_restore(ckpt, model, optimizer, scheduler, scaler, state, amp=amp))
         log(f"resumed from {ckpt['path']} at iteration {state.iteration}")
     else:
-        # Every rank draws its own RoI/anchor samples; rank 0 with the plain seed matches a 1-process run.
-        torch.manual_seed(tcfg.seed + rank)
-        np.random.seed(tcfg.seed + rank)
-        random.seed(tcfg.seed + rank)
+        _seed(tcfg.seed + rank)
+        guard = StepGuard(model)
     loss_fn = distributed.wrap_for_training(model, device)
     metrics = MetricsLog(out_dir, resume_at=state.iteration if resume is not None else 0,
                          enabled=distributed.is_main())
     bar = ProgressBar(total=schedule.max_iter, initial=state.iteration, desc="train",
                       enabled=progress and distributed.is_main())
-    history: list[dict] = []
-    window: list[dict] = []
+    history: list[dict] = []   # evaluation records
+    window: list[dict] = []    # step records since the last log line
 
     def save(iteration: int) -> Path | None:
-        rng = distributed.all_gather_object(ckpt_io.rng_state())   # one RNG state per rank
+        _check_weights(guard, state, iteration, optimizer)
+        # One RNG state and one loss history per rank.
+        rng, recent_losses = zip(*distributed.all_gather_object((ckpt_io.rng_state(), guard.recent)))
         path = None
         if distributed.is_main():
+            extra = {"nonfinite_in_row": state.nonfinite_in_row, "bad_since": state.bad_since,
+                     "recent_losses": [list(r) for r in recent_losses]}
             path = ckpt_io.save_periodic(out_dir / "checkpoints", iteration, tcfg.keep_checkpoints, model=model,
                                          config=config_dict, class_names=train_set.class_names,
                                          optimizer=optimizer, scheduler=scheduler, scaler=scaler if amp else None,
-                                         rng=rng, extra={"nonfinite_in_row": state.nonfinite_in_row})
+                                         rng=list(rng), extra=extra)
         distributed.barrier()
         return path
 
@@ -337,7 +351,7 @@ def fit(model: nn.Module, train_set: DetectionDataset, cfg: Config, *, out_dir: 
         bar.update(1, record)
         it = st.iteration
         if it % tcfg.log_period == 0 or it == schedule.max_iter:
-            metrics.write(_summarise(window, it, it / schedule.iters_per_epoch))
+            metrics.write(summarise(window, it, it / schedule.iters_per_epoch))
             window.clear()
         if val_set is not None and schedule.eval_period > 0 and it % schedule.eval_period == 0 \
                 and it < schedule.max_iter:
@@ -358,8 +372,10 @@ def fit(model: nn.Module, train_set: DetectionDataset, cfg: Config, *, out_dir: 
             sampler.set_epoch(epoch, position)
             loader = train_loader(train_set, sampler, workers=tcfg.workers)
             stopped = train_one_epoch(loss_fn, loader, optimizer, scheduler, state, cfg=tcfg, device=device,
-                                      end_iter=schedule.max_iter, params=params, scaler=scaler, on_step=on_step,
-                                      log=log, loss_kwargs=loss_kwargs)
+                                      end_iter=schedule.max_iter, params=params, guard=guard, scaler=scaler,
+                                      on_step=on_step, log=log, loss_kwargs=loss_kwargs)
+    except TrainingDiverged as exc:
+        raise TrainingDiverged(_set_aside_diverged(str(exc), out_dir / "checkpoints", state)) from None
     finally:
         bar.close()
         metrics.close()
@@ -373,17 +389,14 @@ def fit(model: nn.Module, train_set: DetectionDataset, cfg: Config, *, out_dir: 
     return {"iteration": state.iteration, "stopped": stopped, "final_checkpoint": final, "history": history}
 
 
-def _summarise(window: list[dict], iteration: int, epoch: float) -> dict:
-    """Mean losses, last LR and images/s over the iterations since the last log line."""
-    out = {"iteration": iteration, "epoch": round(epoch, 4), "lr": window[-1]["lr"] if window else 0.0}
-    done = [r for r in window if "loss" in r]
-    for key in ("loss", *LOSS_NAMES, "grad_norm"):
-        values = [r[key] for r in done if key in r]
-        if values:
-            out[key] = float(np.mean(values))
-    seconds = sum(r["time"] for r in window)
-    out["images_per_s"] = sum(r["images"] for r in window) / seconds if seconds > 0 else 0.0
-    skipped = sum(1 for r in window if "skipped_step" in r)
-    if skipped:
-        out["skipped_steps"] = skipped
-    return out
+def _set_aside_diverged(message: str, directory: Path, state: TrainState) -> str:
+    """Rank 0 renames the checkpoints of the diverged stretch; the error message says what is left."""
+    first = state.bad_since if state.bad_since is not None else state.iteration
+    moved = ckpt_io.set_aside(directory, first) if distributed.is_main() else []
+    distributed.barrier()
+    if moved:
+        message += f"; set aside {len(moved)} checkpoint(s) from iteration {first} on as *.pt.diverged"
+    latest = ckpt_io.latest_checkpoint(directory.parent)
+    if latest is not None:
+        message += f"; --resume would continue from {latest.name}"
+    return message

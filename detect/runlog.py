@@ -1,7 +1,9 @@
-"""Where a training run reports: ``metrics.jsonl``, TensorBoard (when installed) and a tqdm bar.
+"""The run folder of a training: its lock, ``metrics.jsonl``, TensorBoard (when installed) and a tqdm bar.
 
 Only rank 0 writes. On resume, ``metrics.jsonl`` is cut back to the resumed iteration
-(rewritten atomically) so the file never holds two lines for one iteration.
+(rewritten atomically) so the file never holds two lines for one iteration. While a training
+runs, rank 0 holds ``<run>/.lock`` (:func:`lock_run_dir`): a second training into the same
+folder is refused with one line; the lock of a killed run is taken over.
 """
 
 from __future__ import annotations
@@ -9,9 +11,69 @@ from __future__ import annotations
 import json
 import math
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
-from detect.utils.io import atomic_write_text
+import numpy as np
+
+from detect import distributed
+from detect.errors import DetectError
+from detect.utils.io import FileLock, atomic_write_text, remove_stale_temp_files
+
+LOCK_NAME = ".lock"
+LOSS_NAMES = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box")
+
+
+class RunDirBusy(DetectError):
+    """Another process is training into this run folder."""
+
+
+@contextmanager
+def lock_run_dir(out_dir: str | Path, *, log: Callable[[str], None] = print) -> Iterator[None]:
+    """Hold the run folder's lock (rank 0; every rank learns the outcome) for the ``with`` block.
+
+    Re-entrant within a process (the CLI holds it around ``fit``, which takes it again). The lock
+    dies with its holder, so a folder whose training was killed is taken over, with a message.
+
+    Raises:
+        RunDirBusy: on every rank, when another live process holds the lock.
+    """
+    out_dir = Path(out_dir)
+    lock, error = None, None
+    if distributed.is_main():
+        try:
+            lock = FileLock(out_dir / LOCK_NAME, error=RunDirBusy, what=f"output folder {out_dir}").acquire()
+        except RunDirBusy as exc:
+            error = (True, f"{exc}; wait for that training to end, or choose another --out")
+        except OSError as exc:
+            error = (False, f"output folder {out_dir} is not writable ({exc.strerror or exc})")
+    error = distributed.broadcast_object(error)
+    if error is not None:
+        busy, message = error
+        raise (RunDirBusy if busy else DetectError)(message)
+    if lock is not None and lock.stale_holder:
+        log(f"took over {out_dir}: its previous training ({lock.stale_holder}) ended without releasing it")
+    if lock is not None and lock.unsupported:
+        log(f"warning: cannot lock {out_dir} ({lock.unsupported}); a second training into it would not be refused")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def clean_run_dir(out_dir: str | Path, *, log: Callable[[str], None] = print) -> list[Path]:
+    """Delete the temp files interrupted writes left in a run folder and its ``checkpoints/``.
+
+    Call it holding the run folder's lock (see :func:`detect.utils.io.remove_stale_temp_files`).
+    """
+    out_dir = Path(out_dir)
+    removed = [p for d in (out_dir, out_dir / "checkpoints") for p in remove_stale_temp_files(d, locked=True)]
+    if removed:
+        names = ", ".join(p.name for p in removed[:3]) + (" ..." if len(removed) > 3 else "")
+        log(f"removed {len(removed)} temp file(s) left by an interrupted write: {names}")
+    return removed
 
 
 def json_safe(value):
@@ -106,3 +168,19 @@ class ProgressBar:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def summarise(window: list[dict], iteration: int, epoch: float) -> dict:
+    """Mean losses, last LR and images/s over the iterations since the last log line."""
+    out = {"iteration": iteration, "epoch": round(epoch, 4), "lr": window[-1]["lr"] if window else 0.0}
+    done = [r for r in window if "loss" in r]
+    for key in ("loss", *LOSS_NAMES, "grad_norm"):
+        values = [r[key] for r in done if key in r]
+        if values:
+            out[key] = float(np.mean(values))
+    seconds = sum(r["time"] for r in window)
+    out["images_per_s"] = sum(r["images"] for r in window) / seconds if seconds > 0 else 0.0
+    skipped = sum(1 for r in window if "skipped_step" in r)
+    if skipped:
+        out["skipped_steps"] = skipped
+    return out

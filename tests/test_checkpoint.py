@@ -128,7 +128,8 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError("killed")
 
     monkeypatch.setattr(os, "replace", killed_before_rename)   # the new file is fully written, never renamed
-    with pytest.raises(OSError):
+    # a failed write is now one CheckpointError line naming the file (the tools print it and exit 2)
+    with pytest.raises(CheckpointError, match=r"c\.pt: could not be written \(killed\)"):
         ck.save_checkpoint(path, model=FakeDetector(), config=_config(), class_names=CLASSES, iteration=2)
     monkeypatch.undo()
     assert ck.load_checkpoint(path)["iteration"] == 1

@@ -71,34 +71,45 @@ def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
             path.unlink(missing_ok=True)
         for d in run_dirs:
             (d / "model_final.pt").unlink(missing_ok=True)
+            for diverged in (d / "checkpoints").glob("ckpt_*.pt.diverged"):
+                diverged.unlink()
 
 
 def resolve_resume(value: str | None, out: Path) -> Path | None:
-    from detect.checkpoint import latest_checkpoint
+    """``--resume CKPT``: that file; ``--resume``: the run folder (its newest usable checkpoint), or None."""
+    from detect.checkpoint import list_checkpoints
 
     if value is None:
         return None
     if value != "auto":
         return Path(value)
-    found = latest_checkpoint(out)
-    if found is None:
+    if not list_checkpoints(out / "checkpoints") and not list_checkpoints(out):
         log(f"--resume: no checkpoint in {out}/checkpoints yet; starting from scratch")
-    return found
+        return None
+    return out
 
 
 def run(args: argparse.Namespace) -> dict:
     """Train as ``args`` say; returns ``{"out", "final_checkpoint", "test": metrics or None}``."""
-    from detect import build_model, load_config
+    from detect import load_config
+    from detect.runlog import lock_run_dir
+
+    overrides = list(args.overrides) + (["train.amp=true"] if args.amp else [])
+    cfg = load_config(args.config, overrides)
+    info = distributed.init_from_env(args.device)
+    out = args.out or Path("runs") / args.config.stem
+    with lock_run_dir(out, log=log):   # before anything is written or deleted there
+        return _train(args, cfg, info, out)
+
+
+def _train(args: argparse.Namespace, cfg, info, out: Path) -> dict:
+    from detect import build_model
     from detect.config import dump_config
     from detect.data.loader import build_dataset
     from detect.engine import evaluate_split, fit
     from detect.runlog import MetricsLog
     from detect.utils.io import atomic_write_json
 
-    overrides = list(args.overrides) + (["train.amp=true"] if args.amp else [])
-    cfg = load_config(args.config, overrides)
-    info = distributed.init_from_env(args.device)
-    out = args.out or Path("runs") / args.config.stem
     if distributed.is_main():
         prepare_out_dir(out, resume=args.resume is not None, overwrite=args.overwrite)
     distributed.barrier()

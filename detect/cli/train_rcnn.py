@@ -48,17 +48,9 @@ def log(message: str) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from detect import build_model, load_config
-    from detect.checkpoint import load_model_weights, model_from_checkpoint, save_checkpoint
-    from detect.config import config_to_dict, dump_config
-    from detect.data.loader import build_dataset, load_records
+    from detect import load_config
     from detect.distributed import resolve_device
-    from detect.engine import fit
-    from detect.evaluation import evaluate
-    from detect.fast_rcnn import predict_split
-    from detect.feature_cache import FeatureCache
-    from detect.proposal_sources import ensure_stored_proposals
-    from detect.rcnn_training import cache_fingerprint, extract_features, fit_regression_stage, fit_svm_stage
+    from detect.runlog import lock_run_dir
 
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
@@ -70,7 +62,22 @@ def run(args: argparse.Namespace) -> dict:
                           "'rcnn' (use tools/train.py for the others)")
     device = resolve_device(args.device)
     out = args.out or Path("runs") / args.config.stem
-    out.mkdir(parents=True, exist_ok=True)
+    with lock_run_dir(out, log=log):   # a second run into the same folder is refused
+        return _stages(args, cfg, stages, device, out)
+
+
+def _stages(args: argparse.Namespace, cfg, stages: list[str], device, out: Path) -> dict:
+    from detect import build_model
+    from detect.checkpoint import load_model_weights, model_from_checkpoint, save_checkpoint
+    from detect.config import config_to_dict, dump_config
+    from detect.data.loader import build_dataset, load_records
+    from detect.engine import fit
+    from detect.evaluation import evaluate
+    from detect.fast_rcnn import predict_split
+    from detect.feature_cache import FeatureCache
+    from detect.proposal_sources import ensure_stored_proposals
+    from detect.rcnn_training import cache_fingerprint, extract_features, fit_regression_stage, fit_svm_stage
+
     dump_config(cfg, out / "config.yaml")
     split, test_split = cfg.data.train_split, cfg.test.split or cfg.data.test_split
     if cfg.rcnn.proposal_source == "stored":
