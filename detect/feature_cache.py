@@ -14,7 +14,8 @@ last, so a killed run resumes at the first image without one::
 Every shard is checked against its digest when first read (the info file's own arrays are covered
 by the zip format's crc32), so a truncated or bit-flipped shard is never used: :meth:`FeatureCache.get`
 raises an error naming it, and the feature stage (:meth:`FeatureCache.valid`) recomputes it. Temp
-files of killed writers are removed when the next writer opens the cache (:mod:`detect.utils.stale`).
+files of killed writers are removed when the next writer opens the cache
+(:func:`detect.utils.io.remove_stale_temp_files`).
 
 Keeping pool5 only for the rows box regression trains on is what keeps the cache
 small (fc7 in float16 is 16 MB per image at 2000 boxes; pool5 for all would be 37 MB).
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 
 from detect.errors import DetectError
-from detect.utils.io import atomic_write_bytes, atomic_write_json
+from detect.utils.io import atomic_write_bytes, atomic_write_json, remove_stale_temp_files
 
 FORMAT = "rcnn-feature-cache"
 VERSION = 1
@@ -96,7 +97,7 @@ class FeatureCache:
     def __init__(self, root: str | Path, *, fingerprint: dict) -> None:
         self.root = Path(root)
         self._verified: set[tuple] = set()       # (path, inode, size, mtime) of shards whose digest matched
-        self._writers = None                     # a WritersLock, taken by the first put()
+        self._cleaned = False                    # stale temp files removed by the first put()
         self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
         meta = self.root / "meta.json"
         if meta.is_file():
@@ -127,14 +128,14 @@ class FeatureCache:
     def put(self, image_id: str, *, boxes: np.ndarray, gt_classes: np.ndarray, overlaps: np.ndarray,
             features: np.ndarray, pool5_rows: np.ndarray, pool5: np.ndarray) -> None:
         """Write one image's rows (features stored as float16); the info file goes last and marks completion."""
-        from detect.utils.stale import join_writers
-
         key = self._key(image_id)
         if len(features) != len(boxes) or len(pool5) != len(pool5_rows):
             raise ValueError(f"{image_id}: {len(features)} feature rows for {len(boxes)} boxes, "
                              f"{len(pool5)} pool5 rows for {len(pool5_rows)} indices")
-        if self._writers is None:
-            self._writers = join_writers(self.root)   # and remove the temp files of killed writers
+        if not self._cleaned:
+            self.root.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp_files(self.root)   # those of killed writers; live writers' are kept
+            self._cleaned = True
         digests = {}
         for name, array in (("feat", features), ("pool5", pool5)):
             data = _array_bytes(np.asarray(array, dtype=np.float16))

@@ -18,9 +18,8 @@ Records are only ever appended, so a killed run leaves at worst a truncated last
 length check finds; every payload is checked against its crc32 when read, so a corrupt record is
 reported and recomputed, never returned. When an id has several records the last valid one wins,
 which is how failed images are retried. Reads seek straight to one record through the index.
-Writers (compute, merge) register in the folder (:mod:`detect.utils.stale`); the first one to find no
-other writer alive removes the temp files that killed writers left (a half-written merge, index or
-params file).
+The first write of a process (compute, merge) removes the temp files that killed writers left (a
+half-written merge, index or params file; :func:`detect.utils.io.remove_stale_temp_files`).
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ from typing import IO, Iterator
 import numpy as np
 
 from detect.errors import DetectError
-from detect.utils.io import atomic_open, atomic_write_json
+from detect.utils.io import atomic_open, atomic_write_json, remove_stale_temp_files
 
 MAGIC = b"PRP1"
 HEADER = struct.Struct("<4sB3xIIII")     # magic, status, id length, box count, payload length, crc32
@@ -131,7 +130,7 @@ class ProposalStore:
         self.directory = Path(root) / split / self.version
         self._entries: dict[str, Entry] | None = None
         self._handles: dict[str, IO[bytes]] = {}
-        self._writers = None                  # a WritersLock, held while this process writes into the folder
+        self._cleaned = False                 # stale temp files removed by the first prepare()
 
     # ------------------------------------------------------------------ index
     def _data_files(self) -> list[Path]:
@@ -246,11 +245,10 @@ class ProposalStore:
             Problems found. Bad records are left out of the index, so their images count as not done and
             are recomputed; a part's truncated tail is cut off when its writer next opens it.
         """
-        from detect.utils.stale import join_writers
-
         self.directory.mkdir(parents=True, exist_ok=True)
-        if self._writers is None:
-            self._writers = join_writers(self.directory)
+        if not self._cleaned:
+            remove_stale_temp_files(self.directory)   # those of killed writers; live writers' are kept
+            self._cleaned = True
         self._check_params()
         if not (self.directory / "params.json").is_file():
             atomic_write_json(self.directory / "params.json", {"version": self.version, "params": self.params})
