@@ -74,8 +74,9 @@ def fit_alternating(build: Callable[[], nn.Module], train_set: DetectionDataset,
                 p.requires_grad_(False)
             loss_kwargs = _fixed_proposals(proposer, spec.stage)
 
-        latest = ckpt_io.latest_checkpoint(step_dir) if resume else None
-        result = fit(model, train_set, cfg, out_dir=step_dir, device=device, val_set=val_set, resume=latest,
+        # The step's folder, not its newest file: a damaged newest checkpoint then falls back to the one before.
+        resume_from = step_dir if resume and ckpt_io.latest_checkpoint(step_dir) else None
+        result = fit(model, train_set, cfg, out_dir=step_dir, device=device, val_set=val_set, resume=resume_from,
                      log=log, progress=progress, loss_kwargs=loss_kwargs)
         total += result["iteration"]
     final = None
