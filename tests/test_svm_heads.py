@@ -139,3 +139,12 @@ def test_same_seed_gives_bitwise_the_same_svms():
         runs.append((r.weight.tobytes(), r.bias.tobytes(), r.cache_keys[0].tobytes()))
     assert runs[0] == runs[1]
     assert runs[0][:2] != runs[2][:2]                                    # the seed does reach liblinear
+
+
+def test_a_second_pass_never_caches_a_negative_twice():
+    """Catches a later pass re-adding the hard negatives already cached (duplicate rows weigh twice in the SVM)."""
+    images, planted = _separable_images(10, np.random.default_rng(4), hard_at=(2, 7))
+    result = train_svms(images, 1, C=10.0, retrain_limit=0, batch_images=3, epochs=2, log=lambda m: None)
+    mined = [tuple(k) for k in result.mined_keys[0].tolist()]
+    assert len(mined) == len(set(mined)) and planted <= set(mined)
+    assert {tuple(k) for k in result.cache_keys[0].tolist()} == planted
