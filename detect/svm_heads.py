@@ -169,7 +169,7 @@ class MiningSettings:
     """How :func:`train_svms` mines and retrains (R-CNN Appendix B).
 
     The defaults are ``rcnn_train.m``'s fixed retraining rule, image by image, with a strict tolerance; the
-    config's ``rcnn.svm`` defaults (``retrain_growth: 0.5``, ``batch_images: 8``, ``tol: 0.1``) are the
+    config's ``rcnn.svm`` defaults (``retrain_growth: 0.5``, ``batch_images: 8``) are the
     scalable ones.
 
     Attributes:
