@@ -243,8 +243,13 @@ class SVMConfig:
     hard_thresh: float = -1.0001   # a negative scoring above this is hard: added to the cache
     easy_thresh: float = -1.2      # a cached negative scoring below this is easy: evicted before retraining
     neg_iou: float = 0.3           # negatives: proposals with IoU < 0.3 with every box of the class (Sec. 2.3)
-    retrain_limit: int = 2000      # retrain after this many new hard negatives (rcnn_train.m)
-    epochs: int = 1                # passes of hard negative mining over the training images
+    retrain_limit: int = 2000      # retrain after more than this many new hard negatives (rcnn_train.m) ...
+    retrain_growth: float = 0.5    # ... and more than this fraction of the class's last training set (positives +
+    #                                cache): keeps the total retraining cost linear in the images (0: the fixed limit)
+    batch_images: int = 8          # images mined with the same SVMs between two retraining checks
+    epochs: int = 1                # passes of hard negative mining over the images (Sec. 2.3: one suffices)
+    tol: float = 1e-4              # liblinear's -e (rcnn_train.m keeps its default 0.1: on bccd 0.01 mAP lower)
+    max_iter: int = 5000           # liblinear's iteration cap
     feature_norm: float = 20.0     # features are scaled so their mean L2 norm is this (rcnn_scale_features)
 
 

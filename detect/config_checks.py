@@ -107,7 +107,8 @@ RANGES: dict[str, Range] = {
     "rcnn.detections_per_img": POSITIVE,
     "rcnn.svm.C": POSITIVE, "rcnn.svm.pos_weight": POSITIVE, "rcnn.svm.bias_multiplier": NON_NEGATIVE,
     "rcnn.svm.neg_iou": FRACTION, "rcnn.svm.retrain_limit": NON_NEGATIVE, "rcnn.svm.epochs": POSITIVE,
-    "rcnn.svm.feature_norm": NON_NEGATIVE,
+    "rcnn.svm.feature_norm": NON_NEGATIVE, "rcnn.svm.retrain_growth": NON_NEGATIVE, "rcnn.svm.batch_images": POSITIVE,
+    "rcnn.svm.tol": POSITIVE, "rcnn.svm.max_iter": POSITIVE,
     "rcnn.bbox_reg.alpha": NON_NEGATIVE, "rcnn.bbox_reg.min_overlap": FRACTION,
 }
 

@@ -22,7 +22,7 @@ from detect.data.loader import image_to_tensor
 from detect.errors import ImageReadError
 from detect.feature_cache import CachedImages, FeatureCache, weights_digest
 from detect.rcnn import RCNN
-from detect.svm_heads import feature_scale, train_svms
+from detect.svm_heads import MiningSettings, feature_scale, train_svms
 
 
 def cache_fingerprint(model: RCNN, cfg) -> dict:
@@ -94,20 +94,23 @@ def extract_features(model: RCNN, records, cache: FeatureCache, *, device: torch
     return done
 
 
-def fit_svm_stage(model: RCNN, cache: FeatureCache, image_ids: list[str], cfg, *,
+def fit_svm_stage(model: RCNN, cache: FeatureCache, image_ids: list[str], cfg, *, progress: bool = False,
                   log: Callable[[str], None] = print):
     """Stage 3: one-vs-rest linear SVMs with hard negative mining; loaded into ``model.svm``.
 
+    Time linear in the images (see :func:`detect.svm_heads.train_svms`); ``progress``: a bar per pass.
     Deterministic: liblinear's coordinate order is seeded with ``train.seed``, so the same features give
     bitwise the same SVMs.
     """
     s = cfg.rcnn.svm
     images = CachedImages(cache, image_ids)
     scale = feature_scale(images, s.feature_norm)
+    mining = MiningSettings(hard_thresh=s.hard_thresh, easy_thresh=s.easy_thresh, neg_iou=s.neg_iou,
+                            retrain_limit=s.retrain_limit, retrain_growth=s.retrain_growth,
+                            batch_images=s.batch_images, epochs=s.epochs, tol=s.tol, max_iter=s.max_iter)
     result = train_svms(images, model.num_classes, C=s.C, pos_weight=s.pos_weight, bias_multiplier=s.bias_multiplier,
-                        hard_thresh=s.hard_thresh, easy_thresh=s.easy_thresh, neg_iou=s.neg_iou,
-                        retrain_limit=s.retrain_limit, epochs=s.epochs, scale=scale, class_names=model.class_names,
-                        seed=cfg.train.seed, log=log)
+                        mining=mining, scale=scale, class_names=model.class_names, seed=cfg.train.seed,
+                        progress=progress, log=log)
     model.svm.load_result(result, scale)
     return result
 

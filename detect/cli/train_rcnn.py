@@ -115,7 +115,7 @@ def _stages(args: argparse.Namespace, cfg, stages: list[str], device, out: Path)
         ids = [i for i in ids if i in cache]
     if "svm" in stages:
         log("stage 3/4: linear SVMs with hard negative mining")
-        fit_svm_stage(model, cache, ids, cfg, log=log)
+        fit_svm_stage(model, cache, ids, cfg, progress=not args.no_progress, log=log)
     if "bbox" in stages and cfg.rcnn.bbox_reg.enabled:
         log("stage 4/4: bounding-box regression")
         fit_regression_stage(model, cache, ids, cfg, log=log)
