@@ -1,12 +1,14 @@
 """The proposal store: round trip, versions, resume after a kill, corruption, failures, shards, workers, CLI."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from detect.data.image import read_image
+from detect.errors import DetectError
 from proposals import selective_search
 from proposals.cli import main as cli_main
 from proposals.compute import compute_store, parse_shard, search_kwargs, search_params
@@ -147,8 +149,10 @@ def test_shard_option_and_torchrun_environment(monkeypatch):
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert parse_shard(None) == (3, 4)
-    for bad in ("5/5", "1-2", "0/0"):
-        with pytest.raises(Exception, match="shard"):
+    # the project's error (a tool prints it as one line and exits 2), naming the bad value
+    for bad, message in (("5/5", "--shard 5/5: need 0 <= i < n"), ("0/0", "--shard 0/0: need 0 <= i < n"),
+                         ("1-2", "--shard must look like i/n (e.g. 0/4), got '1-2'")):
+        with pytest.raises(DetectError, match=re.escape(message)):
             parse_shard(bad)
 
 

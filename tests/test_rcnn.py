@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from detect import load_config
+from detect.errors import DetectError
 from detect.bbox_regression import BoxRegressionHead, fit_box_regressors, regression_targets
 from detect.proposal_sources import GroundTruthProposals
 from detect.rcnn import build_rcnn, context_boxes, warp_regions
@@ -99,5 +100,5 @@ def test_predict_with_softmax_then_svms(model):
     model.svm.bias[1] = 1.0
     det = model.predict([image], image_ids=["x"])[0]
     assert det["labels"].tolist() == [1, 1] and torch.allclose(det["scores"], torch.ones(2))
-    with pytest.raises(Exception, match="'nope'"):
+    with pytest.raises(DetectError, match="GroundTruthProposals: no boxes for image 'nope'"):
         model.predict([image], image_ids=["nope"])
