@@ -112,8 +112,17 @@ def test_tiny_and_elongated_images_work(model):
                {"boxes": torch.tensor([[100.0, 2.0, 180.0, 11.0]]), "labels": torch.tensor([1])}]
     losses = model.loss(images, targets)
     assert all(math.isfinite(v.item()) for v in losses.values())
-    dets = model.predict(images)
+    # Catches boxes of extreme sizes left in the network's pixels (9 x 7 is enlarged ~18x, 12 x 600 shrunk)
+    model.roi_head.score_thresh, old = 0.0, model.roi_head.score_thresh
+    try:
+        dets = model.predict(images)
+    finally:
+        model.roi_head.score_thresh = old
     assert len(dets) == 2
+    for det, image in zip(dets, images):
+        boxes, (height, width) = det["boxes"], image.shape[1:]
+        assert len(boxes) > 0 and (boxes >= 0).all()
+        assert (boxes[:, 2] <= width + 1e-3).all() and (boxes[:, 3] <= height + 1e-3).all()
 
 
 def test_bad_input_is_named(model):
