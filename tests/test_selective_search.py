@@ -201,7 +201,9 @@ def test_bad_arrays_are_refused_with_a_clear_message():
     with pytest.raises(ValueError, match="backend"):
         selective_search(blobs(), backend="matlab")
     gray = selective_search(blobs()[:, :, 0], mode="single")
-    assert gray.shape[1] == 4
+    # a grey image is searched as the RGB image of three equal channels
+    np.testing.assert_array_equal(gray, selective_search(np.repeat(blobs()[:, :, :1], 3, axis=2), mode="single"))
+    assert gray.shape[1] == 4 and len(gray) > 1
 
 
 def test_opencv_backend():
