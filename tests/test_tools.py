@@ -126,7 +126,12 @@ def test_test_tool_writes_results_metrics_and_speed(run_dir, tmp_path, capsys):
     assert report["speed"]["images"] == report["images"] and report["speed"]["images_per_s"] > 0
     assert set(report["speed"]["stage_seconds_per_image"]) >= {"backbone", "rpn", "roi_heads"}
     assert len(list(out.glob("comp4_det_test_*.txt"))) == 5
-    assert isinstance(json.loads((out / "coco_results.json").read_text()), list)
+    # one COCO result per VOC results line: the same detections in both formats
+    lines = [line for path in out.glob("comp4_det_test_*.txt") for line in path.read_text().splitlines()]
+    coco = json.loads((out / "coco_results.json").read_text())
+    assert isinstance(coco, list) and len(coco) == len(lines) > 0
+    np.testing.assert_allclose(sorted(float(line.split()[1]) for line in lines), sorted(c["score"] for c in coco),
+                               atol=1e-5)
 
 
 class _Oracle(torch.nn.Module):
