@@ -95,6 +95,9 @@ def test_predict_with_softmax_then_svms(model):
     det = model.predict([image], image_ids=["x"], timings=timings)[0]
     assert set(timings) == {"proposals", "features", "heads"}
     assert det["boxes"].shape[1] == 4 and det["labels"].dtype == torch.int64
+    # softmax scores above R-CNN's 0.05, boxes the proposals themselves (no regressor fitted yet)
+    assert len(det["boxes"]) > 0 and (det["scores"] > 0.05).all() and (det["labels"] < 3).all()
+    assert {tuple(b) for b in det["boxes"].tolist()} <= {(5.0, 5.0, 40.0, 40.0), (0.0, 0.0, 20.0, 20.0)}
     # with SVMs: class 1 scores everything 1.0, the others are zero detectors
     model.svm.fitted[1] = True
     model.svm.bias[1] = 1.0
