@@ -120,10 +120,10 @@ def test_multiscale_testing_reads_each_roi_at_its_scale(stored):
         model.test_transforms = torch.nn.ModuleList([transform])
         model.proposals = FixedProposals(boxes_by_id={"a": routed.numpy()})
         union.append(model.predict(images[:1], image_ids=["a"])[0])
-    rows = {tuple(b.tolist() + [s.item(), c.item()]) for u in union
-            for b, s, c in zip(u["boxes"], u["scores"], u["labels"])}
-    found = [tuple(b.tolist() + [s.item(), c.item()]) for b, s, c in zip(multi["boxes"], multi["scores"], multi["labels"])]
-    assert all(row in rows for row in found)
+    def rows(det):
+        return [tuple(b.tolist() + [s.item(), c.item()]) for b, s, c in zip(det["boxes"], det["scores"], det["labels"])]
+
+    assert set(rows(multi)) <= {row for u in union for row in rows(u)}
     assert multi["scores"].max() == max(u["scores"].max() for u in union)
 
 
@@ -156,7 +156,8 @@ def test_every_config_builds_and_takes_a_step(path, tmp_path):
     after = model.loss(images, targets)
     assert after["loss_cls"] < losses["loss_cls"]
     # an untrained box regressor (deltas ~0; R-CNN's is not fitted yet) leaves each detection on its proposal
-    proposals = {"a": np.array([[10, 10, 50, 40], [0, 0, 30, 30]], np.float32), "b": np.array([[20, 5, 60, 45]], np.float32)}
+    proposals = {"a": np.array([[10, 10, 50, 40], [0, 0, 30, 30]], np.float32),
+                 "b": np.array([[20, 5, 60, 45]], np.float32)}
     model.proposals = FixedProposals(boxes_by_id=proposals)
     dets = model.predict(images, image_ids=["a", "b"])
     for det, image_id in zip(dets, ("a", "b")):

@@ -57,8 +57,8 @@ for name in sys.argv[1:]:
         importlib.import_module(name)
     except BaseException as exc:
         failed[name] = repr(exc)[:300]
-print(json.dumps({"attempts": attempts, "failed": failed, "loaded": sorted(m for m in sys.modules
-                                                                        if m.split(".")[0] in ("detect", "proposals"))}))
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("detect", "proposals"))
+print(json.dumps({"attempts": attempts, "failed": failed, "loaded": loaded}))
 """
 
 

@@ -54,11 +54,12 @@ class _PixelOracle:
         if self.by_pixels is None:      # the tool generates the dataset: read it at the first call
             records = VOCDataset(self.root, "test", classes=CLASSES).records
             self.by_pixels = {image_to_tensor(read_image(r.path)).numpy().tobytes(): r for r in records}
+        none = {"boxes": np.zeros((0, 4), np.float32), "scores": np.zeros(0, np.float32),
+                "labels": np.zeros(0, np.int64)}
         out = []
         for image in images:
             record = self.by_pixels.get(image.cpu().numpy().tobytes())
-            det = _oracle_detection(record) if record is not None else \
-                {"boxes": np.zeros((0, 4), np.float32), "scores": np.zeros(0, np.float32), "labels": np.zeros(0, np.int64)}
+            det = _oracle_detection(record) if record is not None else none
             out.append({k: torch.from_numpy(v) for k, v in det.items()})
         return out
 
