@@ -152,7 +152,7 @@ def test_rcnn_tiny_synthetic_runs_all_four_stages(data, tmp_path):
     final_map = _map(model, data, final_det)
     print(f"rcnn tiny: softmax mAP {softmax_map:.3f}, SVM {svm_map:.3f}, SVM + bbox reg {final_map:.3f} "
           f"in {time.perf_counter() - start:.0f} s")
-    # Measured: softmax 0.542, SVM 0.520-0.551 over 3 runs (LinearSVC is not seeded yet), SVM + bbox reg the
+    # Measured: softmax 0.542, SVM 0.520-0.551 over 6 runs (LinearSVC unseeded then), SVM + bbox reg the
     # same. Planted faults fall below 0.45: softmax columns in the wrong class order (softmax 0.12), SVM
     # detectors loaded for the wrong classes (SVM 0.085).
     assert softmax_map >= 0.45 and svm_map >= 0.45 and final_map >= 0.45
