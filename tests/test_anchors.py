@@ -51,11 +51,18 @@ def test_offset_zero_matches_torchvision():
 
 
 def test_grid_cache_returns_same_values_for_new_sizes():
+    # Catches a cache keyed on too little (a grid served for another size of the same area or height).
     gen = AnchorGenerator(sizes=(16.0,), ratios=(1.0,), stride=8)
     a = gen(4, 4)
     b = gen(4, 5)
+    c = gen(5, 4)
     assert b.shape == (20, 4) and a.shape == (16, 4)
     assert torch.equal(gen(4, 4), a)
+    for (h, w), cached in (((4, 5), b), ((5, 4), c)):
+        fresh = AnchorGenerator(sizes=(16.0,), ratios=(1.0,), stride=8)(h, w)
+        assert torch.equal(cached, fresh), (h, w)
+        assert torch.equal(gen(h, w), fresh), (h, w)
+    assert c[-1].tolist() == [20.0, 28.0, 36.0, 44.0]    # last cell of 5 rows x 4 columns: centre (28, 36)
 
 
 def test_suggested_anchors_cover_small_objects_better():

@@ -23,23 +23,45 @@ def test_all_recipes_are_present():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_config_builds_trains_one_step_and_predicts(path):
+    # Catches a config whose model does not learn (an RPN loss term cut off from its gradient, frozen
+    # layers) or predicts outside the image (boxes not mapped back, labels past the class count).
     torch.manual_seed(0)
-    cfg = load_config(path, overrides=SMALL)
+    # From scratch, frozen BatchNorm holds identity statistics and the ResNet's activations grow through its
+    # 16 blocks (loss ~25, divergence at lr 1e-3, no detections); the ImageNet statistics the recipe freezes
+    # cannot be downloaded here, so the test lets BN normalise the batch instead.
+    bn = ["model.backbone.freeze_bn=false"] if "resnet" in path.stem else []
+    cfg = load_config(path, overrides=SMALL + bn)
     model = build_model(cfg, class_names=["a", "b", "c"])
     assert isinstance(model, FasterRCNN) and model.backbone.name == cfg.model.backbone.name
     assert model.rpn.anchor_generator.num_anchors == len(cfg.model.anchors.sizes) * len(cfg.model.anchors.ratios)
-    images = [torch.rand(3, 90, 120), torch.rand(3, 100, 80)]
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 90, 120, generator=g), torch.rand(3, 100, 80, generator=g)]
     targets = [{"boxes": torch.tensor([[10.0, 10.0, 70.0, 80.0]]), "labels": torch.tensor([1])},
                {"boxes": torch.tensor([[5.0, 20.0, 60.0, 90.0], [30.0, 5.0, 75.0, 40.0]]), "labels": torch.tensor([0, 2])}]
     model.train()
+    torch.manual_seed(1)
     losses = model.loss(images, targets)
-    assert all(math.isfinite(v.item()) for v in losses.values())
+    assert all(math.isfinite(v.item()) and v.item() >= 0 for v in losses.values())
+    assert losses["loss_cls"].item() > 0 and losses["loss_rpn_cls"].item() > 0
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-3)
     sum(losses.values()).backward()
+    silent = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert silent == []                     # every trainable layer is reached by the loss
     optimizer.step()
+    # the RPN draws its anchor sample first: with the same seed it scores the same anchors, now lower
+    # (measured: e.g. 0.69700 -> 0.69683 and 0.06179 -> 0.06173 for VGG16, 0.75 -> 0.51 for ResNet-50)
+    torch.manual_seed(1)
+    after = model.loss(images, targets, stage="rpn")
+    assert after["loss_rpn_cls"] < losses["loss_rpn_cls"] and after["loss_rpn_box"] < losses["loss_rpn_box"]
     dets = model.predict(images)
-    assert len(dets) == 2 and all(d["boxes"].shape[1] == 4 for d in dets)
+    assert len(dets) == 2
+    for det, image in zip(dets, images):
+        boxes, (height, width) = det["boxes"], image.shape[1:]
+        assert len(boxes) > 0 and ((det["labels"] >= 0) & (det["labels"] < 3)).all()
+        assert (boxes[:, :2] >= 0).all()
+        assert (boxes[:, 2] <= width + 1e-3).all() and (boxes[:, 3] <= height + 1e-3).all()
+        assert (boxes[:, 2:] > boxes[:, :2]).all() and ((det["scores"] > 0) & (det["scores"] <= 1)).all()
 
 
 def test_paper_values():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from tests.engine_fakes import CLASSES, FakeDetector, fake_config, fake_dataset
@@ -164,8 +165,14 @@ def test_evaluate_returns_every_image_and_leaves_the_rng_alone(images):
     detections = evaluate(model, eval_loader(eval_set, batch_size=3), device=torch.device("cpu"), timings=timings)
     assert torch.equal(state, torch.get_rng_state())
     assert sorted(detections) == sorted(r.image_id for r in images.records)
-    det = detections["img004"]
-    assert det["boxes"].shape == (1, 4) and det["labels"].dtype.name == "int64"
+    # each image's own detections under its own id (batches of 3, the last one short)
+    for index in (0, 4, 11):
+        image, target = eval_set[index]
+        own = model.predict([image])[0]
+        det = detections[target["image_id"]]
+        assert det["labels"].dtype.name == "int64" and det["labels"].tolist() == own["labels"].tolist()
+        np.testing.assert_allclose(det["boxes"], own["boxes"].numpy(), atol=1e-5)
+        np.testing.assert_allclose(det["scores"], own["scores"].numpy(), atol=1e-6)
     assert timings["images"] == len(images) and timings["total"] > 0
     assert model.training   # mode restored
 

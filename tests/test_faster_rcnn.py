@@ -12,6 +12,7 @@ from detect import build_model, load_config
 from detect.errors import ConfigError, DatasetError
 from detect.faster_rcnn import ALTERNATING_STEPS, apply_alternating_step, apply_joint_training, parameter_groups
 from detect.transforms import DetectionTransform, hflip
+from detect.utils.modes import eval_mode
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "faster_rcnn" / "tiny_synthetic.yaml"
 LOSS_NAMES = {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box"}
@@ -48,23 +49,51 @@ def test_loss_names_values_and_gradients(model):
     assert model.backbone.trunk[0][0].weight.grad.abs().sum() > 0
 
 
-def test_predict_returns_boxes_in_input_pixels(model):
+@pytest.fixture
+def accept_all(model):
+    """An untrained model scores everything alike: accept every detection so there are boxes to compare."""
+    old = model.roi_head.score_thresh
+    model.roi_head.score_thresh = 0.0
+    yield model
+    model.roi_head.score_thresh = old
+
+
+def test_predict_returns_boxes_in_input_pixels(accept_all):
+    model = accept_all
     images, _ = batch()
-    with torch.no_grad():     # an untrained model scores everything alike: accept all to see boxes
-        old = model.roi_head.score_thresh
-        model.roi_head.score_thresh = 0.0
-        try:
-            dets = model.predict(images)
-        finally:
-            model.roi_head.score_thresh = old
+    dets = model.predict(images)
     assert model.training      # predict restores the mode
     assert len(dets) == 2
     for det, image in zip(dets, images):
         assert det["boxes"].shape[1] == 4 and det["boxes"].shape[0] == det["scores"].shape[0] > 0
         assert det["labels"].dtype == torch.int64 and int(det["labels"].max()) < 3
         assert det["boxes"][:, 2].max() <= image.shape[2] + 1e-3 and det["boxes"][:, 3].max() <= image.shape[1] + 1e-3
-    # boxes scale back: resizing an image by 2 leaves (almost) the same detections at twice the coordinates
-    assert dets[0]["boxes"][:, 2].max() > 100
+
+
+def test_boxes_scale_back_to_the_input_image(accept_all):
+    # Catches boxes left in the network's pixels, or scaled by the wrong ratio or axis.
+    model = accept_all
+    g = torch.Generator().manual_seed(1)
+    # 128 x 192 is already the network's size (test_min_size 128); the 2x nearest-neighbour enlargement
+    # is shrunk back by 0.5 to exactly the same network input, so its detections are the same at 2x.
+    small = torch.rand(3, 128, 192, generator=g)
+    large = small.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
+    at_1x, at_2x = model.predict([small])[0], model.predict([large])[0]
+    assert len(at_1x["boxes"]) > 0 and torch.equal(at_1x["labels"], at_2x["labels"])
+    assert torch.equal(at_1x["scores"], at_2x["scores"])
+    assert torch.allclose(at_2x["boxes"], 2 * at_1x["boxes"], atol=1e-3)
+    # 90 x 125 goes in at 128 x 177: the axes scale by 90/128 and 125/177, which differ
+    image = torch.rand(3, 90, 125, generator=g)
+    with torch.no_grad(), eval_mode(model):
+        net, _ = model.transform([image])
+        assert net.image_sizes == [(128, 177)]
+        features = model.backbone(net.tensor)
+        proposals, _ = model.rpn.predict(features, net.image_sizes)
+        internal = model.roi_head.predict(features, proposals, net.image_sizes)[0]
+    det = model.predict([image])[0]
+    assert len(det["boxes"]) > 0 and torch.equal(det["scores"], internal["scores"])
+    expected = internal["boxes"] * torch.tensor([125 / 177, 90 / 128, 125 / 177, 90 / 128])
+    assert torch.allclose(det["boxes"], expected, atol=1e-4)
 
 
 def test_image_without_objects_trains(model):
@@ -83,8 +112,17 @@ def test_tiny_and_elongated_images_work(model):
                {"boxes": torch.tensor([[100.0, 2.0, 180.0, 11.0]]), "labels": torch.tensor([1])}]
     losses = model.loss(images, targets)
     assert all(math.isfinite(v.item()) for v in losses.values())
-    dets = model.predict(images)
+    # Catches boxes of extreme sizes left in the network's pixels (9 x 7 is enlarged ~18x, 12 x 600 shrunk)
+    model.roi_head.score_thresh, old = 0.0, model.roi_head.score_thresh
+    try:
+        dets = model.predict(images)
+    finally:
+        model.roi_head.score_thresh = old
     assert len(dets) == 2
+    for det, image in zip(dets, images):
+        boxes, (height, width) = det["boxes"], image.shape[1:]
+        assert len(boxes) > 0 and (boxes >= 0).all()
+        assert (boxes[:, 2] <= width + 1e-3).all() and (boxes[:, 3] <= height + 1e-3).all()
 
 
 def test_bad_input_is_named(model):

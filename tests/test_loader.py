@@ -115,7 +115,9 @@ def test_build_dataset_generates_synthetic_data(tmp_path):
     assert len(train) + len(test) == 10 and train.train and not test.train
     assert train.class_names[0] == "circle" and (tmp_path / "synth" / "JPEGImages").is_dir()
     image, target = test[0]
-    assert image.shape[0] == 3 and target["boxes"].shape[1] == 4
+    record = test.records[0]
+    assert image.shape == (3, record.height, record.width) and len(record.boxes) > 0
+    assert torch.equal(target["boxes"], torch.from_numpy(record.boxes))
     cfg.data.root = ""
     assert synthetic_root(cfg.data) == Path("data/synthetic/n10_seed0")
 

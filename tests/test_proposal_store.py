@@ -1,15 +1,19 @@
 """The proposal store: round trip, versions, resume after a kill, corruption, failures, shards, workers, CLI."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from detect.data.image import read_image
+from detect.data.voc import VOCDataset
+from detect.errors import DetectError
 from proposals import selective_search
 from proposals.cli import main as cli_main
 from proposals.compute import compute_store, parse_shard, search_kwargs, search_params
+from proposals.recall import evaluate_recall
 from proposals.store import HEADER, MERGED_NAME, ProposalStore, ProposalStoreError, iter_records
 
 from tests.conftest import make_voc_tree
@@ -147,8 +151,10 @@ def test_shard_option_and_torchrun_environment(monkeypatch):
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert parse_shard(None) == (3, 4)
-    for bad in ("5/5", "1-2", "0/0"):
-        with pytest.raises(Exception, match="shard"):
+    # the project's error (a tool prints it as one line and exits 2), naming the bad value
+    for bad, message in (("5/5", "--shard 5/5: need 0 <= i < n"), ("0/0", "--shard 0/0: need 0 <= i < n"),
+                         ("1-2", "--shard must look like i/n (e.g. 0/4), got '1-2'")):
+        with pytest.raises(DetectError, match=re.escape(message)):
             parse_shard(bad)
 
 
@@ -172,7 +178,7 @@ def test_worker_processes_give_the_same_boxes(images, tmp_path):
 
 def test_cli_compute_eval_show(tmp_path, capsys):
     root = tmp_path / "voc"
-    make_voc_tree(root, num_images=3)
+    _, names = make_voc_tree(root, num_images=3)
     common = ["--voc", str(root), "--split", "test", "--store", str(tmp_path / "store"), "--mode", "single"]
     assert cli_main(["compute", *common, "--no-progress"]) == 0
     assert "3 computed" in capsys.readouterr().out
@@ -181,7 +187,14 @@ def test_cli_compute_eval_show(tmp_path, capsys):
     plot, report = tmp_path / "recall.png", tmp_path / "recall.json"
     assert cli_main(["eval", *common, "--plot", str(plot), "--json", str(report)]) == 0
     assert "recall@0.5" in capsys.readouterr().out and plot.is_file()
-    assert 0.0 < json.loads(report.read_text())["mabo"] <= 1.0
+    # the recall of the split's boxes, computed here from the images with the parameters the tool reports
+    saved = json.loads(report.read_text())
+    records = VOCDataset(root, "test", classes=names).records
+    boxes = {r.image_id: selective_search(read_image(r.path), **search_kwargs(saved["params"])) for r in records}
+    again = evaluate_recall(records, boxes, names)
+    assert saved["params"]["mode"] == "single" and saved["num_objects"] == again["num_objects"] > 0
+    assert 0 < saved["mabo"] < 1 and saved["mabo"] == pytest.approx(again["mabo"], abs=1e-9)
+    assert saved["recall@0.5"] == pytest.approx(again["recall@0.5"], abs=1e-9)
     out = tmp_path / "shown.png"
     assert cli_main(["show", *common, "--id", "img1", "--out", str(out)]) == 0
     assert read_image(out).shape == read_image(root / "JPEGImages" / "img1.jpg").shape

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from detect import load_config
+from detect.errors import DetectError
 from detect.bbox_regression import BoxRegressionHead, fit_box_regressors, regression_targets
 from detect.proposal_sources import GroundTruthProposals
 from detect.rcnn import build_rcnn, context_boxes, warp_regions
@@ -94,10 +95,13 @@ def test_predict_with_softmax_then_svms(model):
     det = model.predict([image], image_ids=["x"], timings=timings)[0]
     assert set(timings) == {"proposals", "features", "heads"}
     assert det["boxes"].shape[1] == 4 and det["labels"].dtype == torch.int64
+    # softmax scores above R-CNN's 0.05, boxes the proposals themselves (no regressor fitted yet)
+    assert len(det["boxes"]) > 0 and (det["scores"] > 0.05).all() and (det["labels"] < 3).all()
+    assert {tuple(b) for b in det["boxes"].tolist()} <= {(5.0, 5.0, 40.0, 40.0), (0.0, 0.0, 20.0, 20.0)}
     # with SVMs: class 1 scores everything 1.0, the others are zero detectors
     model.svm.fitted[1] = True
     model.svm.bias[1] = 1.0
     det = model.predict([image], image_ids=["x"])[0]
     assert det["labels"].tolist() == [1, 1] and torch.allclose(det["scores"], torch.ones(2))
-    with pytest.raises(Exception, match="'nope'"):
+    with pytest.raises(DetectError, match="GroundTruthProposals: no boxes for image 'nope'"):
         model.predict([image], image_ids=["nope"])

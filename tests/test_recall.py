@@ -74,10 +74,22 @@ def test_missing_images_count_as_no_proposals(tiny_set):
     assert "without proposals" in format_report(report)
 
 
-def test_recall_vs_iou_curve_and_plot(tiny_set, tmp_path):
+def test_recall_vs_iou_curve_and_plot(tiny_set, tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
     records, proposals = tiny_set
     report = evaluate_recall(records, proposals, ["a", "b"])
     curve = dict(zip(report["recall_vs_iou"]["iou"], report["recall_vs_iou"]["recall"]))
     assert curve[0.5] == pytest.approx(1.0) and curve[0.85] == pytest.approx(1 / 3) and curve[0.95] == 0.0
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (figures.append(fig), close(fig)))
     path = plot_recall({"tiny": report}, tmp_path / "recall.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    # the plotted lines are the report's curves (catches a plot of other data under the right labels)
+    left, right = figures[0].axes
+    np.testing.assert_allclose(left.lines[0].get_xydata(),
+                               np.column_stack([report["recall_vs_iou"]["iou"], report["recall_vs_iou"]["recall"]]))
+    by_count = report["recall_vs_count"]
+    for line, key in zip(right.lines, ("recall@0.7", "recall@0.5")):
+        assert line.get_label() == f"tiny IoU {key[-3:]}"
+        np.testing.assert_allclose(line.get_xydata(), np.column_stack([by_count["count"], by_count[key]]))

@@ -92,8 +92,11 @@ def test_anchor_targets_sample_counts_and_empty_images():
 def test_tiny_image_still_gets_training_anchors():
     rpn = make_rpn(sizes=(128.0,), stride=16)
     anchors = rpn.anchor_generator(1, 1)
-    labels, _ = rpn.anchor_targets(anchors, [(10, 10)], [torch.tensor([[1.0, 1.0, 9.0, 9.0]])])
-    assert (labels != IGNORE).any()
+    gt = torch.tensor([[1.0, 1.0, 9.0, 9.0]])
+    labels, targets = rpn.anchor_targets(anchors, [(10, 10)], [gt])
+    # the one anchor crosses the border but is the object's best: it trains, towards the object
+    assert labels.tolist() == [[FOREGROUND]]
+    assert torch.allclose(targets[0], BoxCoder().encode(gt, anchors))
 
 
 def test_proposal_layer_clips_filters_and_suppresses():

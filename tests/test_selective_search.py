@@ -1,7 +1,10 @@
 """Selective search: grouping on hand-made images, the paper's strategies, ranking, determinism, bad input."""
 
+import colorsys
+
 import numpy as np
 import pytest
+from skimage.color import rgb2lab
 
 from proposals import MODES, selective_search, strategies
 from proposals.features import (RegionSet, build_regions, colour_codes, convert_colour, neighbour_pairs, segment,
@@ -106,10 +109,30 @@ def test_the_papers_strategy_counts_and_overrides():
         strategies("best")
 
 
+# red, green, blue, white / grey, orange, teal, black
+PALETTE = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255]],
+                    [[90, 90, 90], [200, 100, 50], [20, 180, 120], [0, 0, 0]]], np.uint8)
+
+
+def reference_colours(space: str) -> np.ndarray:
+    """The palette in ``space`` from colorsys / scikit-image and the paper's formulas, on the 0..255 scale."""
+    rgb = PALETTE.reshape(-1, 3).astype(np.float64)
+    hsv = np.array([colorsys.rgb_to_hsv(*(c / 255)) for c in rgb]) * [256, 255, 255]   # hue: 360 deg -> 256
+    total = np.maximum(rgb.sum(axis=1), 1.0)
+    table = {"rgb": rgb, "hsv": hsv, "h": hsv[:, :1], "i": rgb.mean(axis=1, keepdims=True),
+             "lab": rgb2lab(PALETTE / 255.0).reshape(-1, 3) * [255 / 100, 1, 1] + [0, 128, 128],
+             "rgi": np.stack([255 * rgb[:, 0] / total, 255 * rgb[:, 1] / total, rgb.mean(axis=1)], axis=1)}
+    return table[space].reshape(2, 4, -1)
+
+
 @pytest.mark.parametrize("space,channels", [("rgb", 3), ("hsv", 3), ("lab", 3), ("rgi", 3), ("i", 1), ("h", 1)])
 def test_colour_spaces(space, channels):
+    # Catches a wrong conversion (channel order, OpenCV's 0..179 hue, Lab without its 8-bit offsets,
+    # normalised rg divided by the wrong sum), not only a wrong shape.
     converted = convert_colour(blobs(), space)
     assert converted.dtype == np.uint8 and converted.shape == (72, 80, channels)
+    colours = convert_colour(PALETTE, space).astype(np.float64)
+    np.testing.assert_allclose(colours, reference_colours(space), atol=1.0)
 
 
 def test_ranking_drops_lower_ranked_duplicates():
@@ -178,7 +201,9 @@ def test_bad_arrays_are_refused_with_a_clear_message():
     with pytest.raises(ValueError, match="backend"):
         selective_search(blobs(), backend="matlab")
     gray = selective_search(blobs()[:, :, 0], mode="single")
-    assert gray.shape[1] == 4
+    # a grey image is searched as the RGB image of three equal channels
+    np.testing.assert_array_equal(gray, selective_search(np.repeat(blobs()[:, :, :1], 3, axis=2), mode="single"))
+    assert gray.shape[1] == 4 and len(gray) > 1
 
 
 def test_opencv_backend():

@@ -1,5 +1,7 @@
 """Truncated SVD of fc layers (Fast R-CNN Sec. 3.1): error within the rank's bound, smaller model, same API."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -35,12 +37,20 @@ def test_low_rank_weights_are_reproduced_exactly_and_parameters_shrink():
 
 
 def test_compress_fc_replaces_fc6_and_fc7_in_order():
+    # Catches ranks given to the wrong layers, a layer left out, or weights not carried over.
+    torch.manual_seed(0)
     head = nn.Sequential(nn.Flatten(), nn.Linear(30, 20), nn.ReLU(), nn.Linear(20, 10), nn.ReLU())
+    original = copy.deepcopy(head)
     report = compress_fc(head, [8, 4])
     layers = [layer for _, _, layer in fc_layers(head)]
     assert [type(l) for l in layers] == [TruncatedLinear, TruncatedLinear] and [l.rank for l in layers] == [8, 4]
     assert "fc6: 20x30 -> rank 8" in report[0] and "fc7" in report[1]
-    assert head(torch.randn(2, 30)).shape == (2, 10)
+    x = torch.randn(2, 30)
+    by_hand = torch.relu(truncate_linear(original[3], 4)(torch.relu(truncate_linear(original[1], 8)(x))))
+    assert torch.allclose(head(x), by_hand, atol=1e-5)
+    kept = copy.deepcopy(original)                   # full rank: the same function
+    compress_fc(kept, [20, 10])
+    assert torch.allclose(kept(x), original(x), atol=1e-4) and not torch.allclose(head(x), original(x), atol=1e-3)
     with pytest.raises(ValueError, match="already factorised"):
         compress_fc(head, [4])
     with pytest.raises(ValueError, match="outside"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +26,57 @@ def _overrides(root: Path) -> list[str]:
     return [arg for s in sets for arg in ("--set", s)]
 
 
+CLASSES = ["circle", "square", "triangle", "star", "ring"]
+
+
+def _oracle_detection(record) -> dict[str, np.ndarray]:
+    """Jittered ground truth plus false positives, drawn from the image id (the same whatever the order)."""
+    rng = np.random.default_rng(zlib.crc32(record.image_id.encode()))
+    n = len(record.boxes)
+    fake = rng.uniform(0, 100, (n + 1, 2))
+    boxes = np.concatenate([record.boxes + rng.normal(0, 4, record.boxes.shape), np.concatenate([fake, fake + 30], 1)])
+    return {"boxes": boxes.astype(np.float32), "scores": rng.uniform(0.05, 1, 2 * n + 1).astype(np.float32),
+            "labels": np.concatenate([record.labels, rng.integers(0, 5, n + 1)]).astype(np.int64)}
+
+
+class _PixelOracle:
+    """``predict`` for a trained model: the oracle detections of the test image it is shown, found by its pixels
+    (none for any other image), so the final evaluation the train tool logs has a known, non-trivial mAP."""
+
+    def __init__(self, root: Path):
+        self.root, self.by_pixels = root, None
+
+    def __call__(self, images, timings=None):
+        from detect.data.image import read_image
+        from detect.data.loader import image_to_tensor
+        from detect.data.voc import VOCDataset
+
+        if self.by_pixels is None:      # the tool generates the dataset: read it at the first call
+            records = VOCDataset(self.root, "test", classes=CLASSES).records
+            self.by_pixels = {image_to_tensor(read_image(r.path)).numpy().tobytes(): r for r in records}
+        none = {"boxes": np.zeros((0, 4), np.float32), "scores": np.zeros(0, np.float32),
+                "labels": np.zeros(0, np.int64)}
+        out = []
+        for image in images:
+            record = self.by_pixels.get(image.cpu().numpy().tobytes())
+            det = _oracle_detection(record) if record is not None else none
+            out.append({k: torch.from_numpy(v) for k, v in det.items()})
+        return out
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
+    from detect.faster_rcnn import FasterRCNN
+
     if not CONFIG.is_file():
         pytest.skip("configs/faster_rcnn/tiny_synthetic.yaml not present")
     base = tmp_path_factory.mktemp("tools")
     out = base / "run"
-    code = train.main(["--config", str(CONFIG), "--out", str(out), "--no-progress", *_overrides(base / "synth")])
+    oracle = _PixelOracle(base / "synth")
+    # The detector trains as usual; only the predictions of its final evaluation are the oracle's.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FasterRCNN, "predict", lambda self, images, timings=None: oracle(images, timings))
+        code = train.main(["--config", str(CONFIG), "--out", str(out), "--no-progress", *_overrides(base / "synth")])
     assert code == 0
     return out
 
@@ -41,7 +86,16 @@ def test_train_writes_config_classes_metrics_and_checkpoints(run_dir, capsys):
     assert json.loads((run_dir / "class_names.json").read_text()) == ["circle", "square", "triangle", "star", "ring"]
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [x["iteration"] for x in lines if "loss" in x] == [2, 4]
-    assert lines[-1]["split"] == "test" and 0.0 <= lines[-1]["mAP"] <= 1.0
+    # the logged test result is the final model's on the test split (the oracle's detections, scored here)
+    from detect.data.voc import VOCDataset
+    from detect.evaluation import evaluate_voc
+
+    records = VOCDataset(run_dir.parent / "synth", "test", classes=CLASSES).records
+    expected = evaluate_voc(records, {r.image_id: _oracle_detection(r) for r in records}, CLASSES, metric="voc07")
+    assert lines[-1]["split"] == "test" and lines[-1]["iteration"] == 4 and 0.05 < expected["mAP"] < 0.95
+    assert lines[-1]["mAP"] == pytest.approx(expected["mAP"], abs=1e-9)
+    for name, ap in expected["per_class"].items():
+        assert lines[-1]["per_class"][name] == (None if np.isnan(ap) else pytest.approx(ap, abs=1e-9)), name
     ckpt = load_checkpoint(run_dir / "model_final.pt")
     assert ckpt["iteration"] == 4 and ckpt["config"]["train"]["max_iter"] == 4
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt")) == ["ckpt_0000002.pt", "ckpt_0000004.pt"]
@@ -68,7 +122,12 @@ def test_test_tool_writes_results_metrics_and_speed(run_dir, tmp_path, capsys):
     assert report["speed"]["images"] == report["images"] and report["speed"]["images_per_s"] > 0
     assert set(report["speed"]["stage_seconds_per_image"]) >= {"backbone", "rpn", "roi_heads"}
     assert len(list(out.glob("comp4_det_test_*.txt"))) == 5
-    assert isinstance(json.loads((out / "coco_results.json").read_text()), list)
+    # one COCO result per VOC results line: the same detections in both formats
+    lines = [line for path in out.glob("comp4_det_test_*.txt") for line in path.read_text().splitlines()]
+    coco = json.loads((out / "coco_results.json").read_text())
+    assert isinstance(coco, list) and len(coco) == len(lines) > 0
+    np.testing.assert_allclose(sorted(float(line.split()[1]) for line in lines), sorted(c["score"] for c in coco),
+                               atol=1e-5)
 
 
 class _Oracle(torch.nn.Module):
