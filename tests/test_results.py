@@ -15,7 +15,8 @@ import torch
 from detect.data.records import ImageRecord
 from detect.errors import ResultsFormatError
 from detect.evaluation.results import (detection_to_numpy, read_coco_results, read_voc_results,
-                                       read_voc_results_file, write_coco_results, write_voc_results)
+                                       read_voc_results_file, voc_results_path, write_coco_results,
+                                       write_voc_results)
 from detect.evaluation.voc import detections_by_class, evaluate_voc
 
 NAMES = ["cat", "dog"]
@@ -44,7 +45,7 @@ def test_detection_to_numpy_values_dtypes_and_shapes():
     # Kills: every mutant of detection_to_numpy (no test called it): keys, float32/int64 casts, reshapes.
     out = detection_to_numpy({"boxes": torch.tensor([[1.5, 2.25, 3.0, 4.0], [0.0, 1.0, 2.0, 3.0]],
                                                     dtype=torch.float64, requires_grad=True),
-                              "scores": torch.tensor([[0.75], [0.5]]), "labels": torch.tensor([2, 0], dtype=torch.int32)})
+                              "scores": torch.tensor([[0.75], [0.5]]), "labels": torch.tensor([[2], [0]], dtype=torch.int32)})
     assert set(out) == {"boxes", "scores", "labels"}
     assert out["boxes"].dtype == np.float32 and out["boxes"].tolist() == [[1.5, 2.25, 3.0, 4.0], [0.0, 1.0, 2.0, 3.0]]
     assert out["scores"].dtype == np.float32 and out["scores"].tolist() == [0.75, 0.5]
@@ -65,6 +66,19 @@ def test_voc_results_files_names_order_and_lines(tmp_path):
     assert paths[0].read_text() == "a 0.5 11.0 21.0 30.0 40.0\nb 0.25 1.0 2.0 10.0 11.0\n"    # VOC pixels: +1 on x1, y1
     assert paths[1].read_text() == "a 0.125 2.0 3.0 3.0 4.0\n"
     assert write_voc_results(tmp_path, dets, NAMES, "val", prefix="comp3")[0] == tmp_path / "comp3_det_val_cat.txt"
+    assert voc_results_path(tmp_path, "val", "dog") == tmp_path / "comp4_det_val_dog.txt"
+
+
+def test_column_shaped_scores_and_labels_are_written_like_flat_ones(tmp_path):
+    # Kills: reshape(-1) of scores and labels dropped in write_voc_results and detections_to_coco
+    # (a (N, 1) column then reaches float() / int() one row at a time, which numpy refuses).
+    flat = fractional_detections()
+    column = {k: dict(d, scores=d["scores"].reshape(-1, 1), labels=d["labels"].reshape(-1, 1)) for k, d in flat.items()}
+    for name, dets in (("flat", flat), ("column", column)):
+        write_voc_results(tmp_path / name, dets, NAMES, "test")
+        write_coco_results(tmp_path / name / "r.json", dets, {"a": 1, "b": 2}, [1, 2])
+    for file in ("comp4_det_test_cat.txt", "comp4_det_test_dog.txt", "r.json"):
+        assert (tmp_path / "column" / file).read_text() == (tmp_path / "flat" / file).read_text()
 
 
 def test_voc_files_read_back_bit_for_bit_what_memory_evaluates(tmp_path):
@@ -117,6 +131,14 @@ def test_empty_and_one_line_results_files(tmp_path):
     assert one.image_index.tolist() == [1] and one.scores.tolist() == [0.5] and one.boxes.tolist() == [[1, 2, 3, 4]]
 
 
+def test_a_results_file_that_is_not_utf8_is_named(tmp_path):
+    # Kills: the UTF-8 error's message dropped.
+    path = tmp_path / "comp4_det_test_cat.txt"
+    path.write_bytes(b"a 0.5 1 1 10 10\n\xff\xfe\n")
+    with pytest.raises(ResultsFormatError, match=f"{path}: not a UTF-8 text file"):
+        read_voc_results_file(path, {"a": 0})
+
+
 def test_line_by_line_parser_gives_the_same_detections(tmp_path):
     # Kills: the line-by-line fallback's return values (None, wrong field, parts[3:], wrong dtype or
     # reshape). A form feed inside a line makes splitlines() see two rows, so the bulk parser hands
@@ -151,7 +173,7 @@ def test_coco_results_round_trip_in_float64(tmp_path):
     # Kills: write_coco_results (untested), the float64 cast of boxes before x2 - x1.
     dets = fractional_detections()
     path = write_coco_results(tmp_path / "r.json", dets, {"a": 7, "b": 3}, [4, 9])
-    assert path == tmp_path / "r.json"
+    assert path == tmp_path / "r.json" and path.read_text().count("\n") == 1      # compact: one line
     expected = [{"image_id": coco_id, "category_id": [4, 9][int(label)],
                  "bbox": [float(x1), float(y1), float(x2) - float(x1), float(y2) - float(y1)], "score": float(score)}
                 for image_id, coco_id in (("b", 3), ("a", 7))
