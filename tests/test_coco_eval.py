@@ -38,9 +38,10 @@ def _case():
     jitter = rng.normal(0, 2.0, (12, 4))
     dets = {"im0": {"boxes": np.concatenate([cats + jitter, [[150, 150, 190, 190], [5, 5, 15, 15]]]),
                     "scores": rng.random(14), "labels": np.zeros(14, int)},
-            "im1": {"boxes": np.array([[12, 9, 61, 52], [70, 20, 110, 90], [2, 98, 149, 185], [100, 100, 140, 140]]),
+            "im1": {"boxes": np.array([[12, 9, 61, 52], [70, 20, 110, 90], [2, 98, 149, 185], [100, 100, 140, 140]],
+                                      np.float64),
                     "scores": np.array([0.9, 0.8, 0.7, 0.6]), "labels": np.array([1, 1, 0, 0])},
-            "im2": {"boxes": np.array([[10, 10, 50, 50], [60, 60, 90, 90]]), "scores": np.array([0.5, 0.4]),
+            "im2": {"boxes": np.array([[10, 10, 50, 50], [60, 60, 90, 90]], float), "scores": np.array([0.5, 0.4]),
                     "labels": np.array([2, 1])}}
     # The reference inputs, written out directly: COCO ids 1.., category = label + 1, difficult = crowd.
     gt_dict = {"images": [{"id": i + 1, "width": 200, "height": 200, "file_name": f"im{i}.jpg"} for i in range(3)],
@@ -51,7 +52,8 @@ def _case():
             gt_dict["annotations"].append({"id": len(gt_dict["annotations"]) + 1, "image_id": i + 1,
                                            "category_id": int(label) + 1, "bbox": [box[0], box[1], w, h],
                                            "area": w * h, "iscrowd": int(diff)})
-    results = [{"image_id": i + 1, "category_id": int(label) + 1, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(s)}
+    results = [{"image_id": i + 1, "category_id": int(label) + 1, "score": float(s),
+                "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)]}
                for i, d in enumerate(dets.values())
                for (x1, y1, x2, y2), s, label in zip(d["boxes"], d["scores"], d["labels"])]
     return records, dets, gt_dict, results
