@@ -169,3 +169,81 @@ def test_float64_without_gradients():
     features, rois, size, scale = _random_case(gen, 1)
     features, rois = features.double(), rois.double()
     assert torch.equal(rp.roi_max_pool(features, rois, size, scale), tv_roi_pool(features, rois, size, scale))
+
+
+# ---- Added from mutation testing (mutmut over detect/roi_pool.py); each test names the mutants it kills.
+
+def test_float64_equals_torchvision_with_scales_that_are_not_powers_of_two():
+    # Kills: the spatial scale made a float32 tensor (torchvision's kernel multiplies float64 RoIs by
+    # the float64 scale), which changes the rounded corners of some RoIs at scales like 0.3 or 0.1.
+    gen = torch.Generator().manual_seed(7)
+    for trial in range(200):
+        features, rois, size, _ = _random_case(gen, trial)
+        scale = (0.3, 0.1, 1 / 3, 0.7, 0.45)[trial % 5]
+        features, rois = features.double(), rois.double()
+        assert torch.equal(rp.roi_max_pool(features, rois, size, scale), tv_roi_pool(features, rois, size, scale)), trial
+
+
+def test_float64_boxes_per_image_are_cast_to_the_features_dtype():
+    # Kills: _as_rois keeping float64 boxes (b.to(dtype) dropped, or dtype None) with float32 features:
+    # bin edges computed from the float64 corners differ from those of the float32 RoIs torchvision uses.
+    gen = torch.Generator().manual_seed(11)
+    for trial in range(160):
+        features, rois, size, _ = _random_case(gen, trial)
+        scale = (0.3, 0.7, 0.45)[trial % 3]
+        boxes = [rois[rois[:, 0] == i, 1:].double() for i in range(features.shape[0])]
+        boxes = [b + torch.rand(b.shape, generator=gen, dtype=torch.float64) * 1e-6 for b in boxes]
+        expected = tv_roi_pool(features, [b.float() for b in boxes], size, scale)
+        assert torch.equal(rp.roi_max_pool(features, boxes, size, scale), expected), trial
+
+
+def test_no_images_and_a_map_without_rows():
+    # Kills: the empty-list branch of _as_rois (torch.cat of nothing, a fake RoI, wrong shape) and
+    # "h == 0 or w == 0" -> "h == 0 and w == 0" (a map of zero height divided by zero).
+    assert rp.roi_max_pool(torch.randn(2, 3, 4, 4), [], 2, 1.0).shape == (0, 3, 2, 2)
+    flat = torch.randn(1, 3, 0, 5)
+    rois = torch.tensor([[0.0, 0.0, 0.0, 4.0, 4.0]])
+    assert torch.equal(rp.roi_max_pool(flat, rois, 2, 1.0), tv_roi_pool(flat, rois, 2, 1.0))
+    assert torch.equal(rp.roi_max_pool(flat, rois, 2, 1.0), torch.zeros(1, 3, 2, 2))
+
+
+def test_table_blocks_of_several_channels(monkeypatch):
+    # Kills: "//" -> "/" (and "*" -> "/" inside) in the channel block size, which only shows when a
+    # block holds more than one channel but not all of them: a float step for range().
+    gen = torch.Generator().manual_seed(4)
+    features = torch.randn(1, 300, 8, 8, generator=gen)
+    rois = torch.tensor([[0.0, 0.0, 0.0, 7.0, 7.0], [0.0, 1.0, 2.0, 6.0, 5.0]])
+    # one 8x8 bin: 4 x 4 levels of 8 x 8 float32 cells, 4096 bytes per channel -> blocks of 3 channels
+    monkeypatch.setattr(rp, "_TABLE_BYTES", 3 * 4096 + 100)
+    assert torch.equal(rp.roi_max_pool(features, rois, 1, 1.0), tv_roi_pool(features, rois, 1, 1.0))
+
+
+def test_bin_edges_are_clipped_to_the_map():
+    # Kills: the clamps of bin_edges dropped (roi_max_pool gives the same result without them, but the
+    # function promises cell ranges inside the map). Hand-computed on an 8 x 6 map, 2 x 3 bins:
+    # RoI 1 crosses every border (15 rows in bins of 7.5, 13 columns in bins of 13/3), RoI 2 lies
+    # above-left of the map, RoI 3 below-right.
+    rois = torch.tensor([[0.0, -3.0, -2.0, 9.0, 12.0], [0.0, -20.0, -20.0, -11.0, -11.0], [0.0, 10.0, 12.0, 19.0, 21.0]])
+    ys, ye, xs, xe = rp.bin_edges(rois, (2, 3), 1.0, 8, 6)
+    assert ys.tolist() == [[0, 5], [0, 0], [8, 8]]
+    assert ye.tolist() == [[6, 8], [0, 0], [8, 8]]
+    assert xs.tolist() == [[0, 1, 5], [0, 0, 0], [6, 6, 6]]
+    assert xe.tolist() == [[2, 6, 6], [0, 0, 0], [6, 6, 6]]
+
+
+def test_module_takes_the_fast_path_exactly_when_no_gradient_is_needed(monkeypatch):
+    # Kills: every mutant of RoIPool.forward's dispatch (fast path never taken, "!= cpu", dtype test
+    # inverted, "and" -> "or" between grad mode and requires_grad): the results were equal either way.
+    calls = []
+    fast = rp.roi_max_pool
+    monkeypatch.setattr(rp, "roi_max_pool", lambda *args: calls.append(1) or fast(*args))
+    pool = rp.RoIPool(output_size=(3, 3), spatial_scale=0.5)
+    features = torch.randn(1, 4, 12, 12, generator=torch.Generator().manual_seed(6))
+    rois = torch.tensor([[0.0, 1.0, 2.0, 20.0, 17.0]])
+    expected = tv_roi_pool(features, rois, (3, 3), 0.5)
+    for requires_grad, grad_mode, used in ((False, True, 1), (True, False, 1), (True, True, 0)):
+        calls.clear()
+        with torch.set_grad_enabled(grad_mode):
+            out = pool(features.clone().requires_grad_(requires_grad), rois)
+        assert len(calls) == used, (requires_grad, grad_mode)
+        assert torch.equal(out.detach(), expected)
