@@ -29,8 +29,13 @@ _CHUNK = 2048                # bins gathered per step (keeps the running maximum
 
 
 def _round_half_away(v: Tensor) -> Tensor:
-    """C's ``round``: halves go away from zero (``torch.round`` rounds them to even)."""
-    return torch.where(v >= 0, torch.floor(v + 0.5), torch.ceil(v - 0.5))
+    """C's ``round``: halves go away from zero (``torch.round`` rounds them to even).
+
+    Not ``floor(v + 0.5)``: for ``v`` just below 0.5 (e.g. 0.49999997) the sum rounds up to 1.
+    ``v - trunc(v)`` is exact in floating point, so the half test is too.
+    """
+    whole = torch.trunc(v)
+    return whole + torch.where((v - whole).abs() >= 0.5, torch.sign(v), torch.zeros_like(v))
 
 
 def _floor_log2(n: Tensor) -> Tensor:

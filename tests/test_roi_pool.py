@@ -247,3 +247,20 @@ def test_module_takes_the_fast_path_exactly_when_no_gradient_is_needed(monkeypat
             out = pool(features.clone().requires_grad_(requires_grad), rois)
         assert len(calls) == used, (requires_grad, grad_mode)
         assert torch.equal(out.detach(), expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rounding of the scaled corners just below a half (found by mutation testing): floor(v + 0.5) rounds 0.49999997 up.
+
+@pytest.mark.parametrize("scale", [0.1, 1 / 3, 0.7])
+def test_corners_just_below_a_half_round_like_torchvision(scale):
+    features = torch.arange(64.0).reshape(1, 1, 8, 8)
+    below_half = torch.nextafter(torch.tensor(0.5), torch.tensor(0.0))          # 0.49999997 in float32
+    corner = float(below_half / torch.tensor(scale, dtype=torch.float32))
+    rois = torch.tensor([[0.0, 0.0, 0.0, corner * 9, corner * 9],
+                         [0.0, corner, corner, 7.0, 7.0],
+                         [0.0, 0.0, 0.0, 4.9999995, 4.9999995]])
+    expected = tv_roi_pool(features, rois, (2, 2), scale)
+    with torch.no_grad():
+        got = rp.roi_max_pool(features, rois, (2, 2), scale)
+    assert torch.equal(got, expected)
