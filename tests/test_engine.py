@@ -82,6 +82,20 @@ def test_fit_writes_checkpoints_metrics_and_lowers_the_loss(images, tmp_path):
     assert all(r["images_per_s"] > 0 for r in lines)
 
 
+def test_tensorboard_events_hold_the_logged_metrics(images, tmp_path):
+    """The [dev] extra installs tensorboard, so the run folder gets event files with the metrics.jsonl values
+    (catches a writer that is never created, loses scalars, or logs them under another step)."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    cfg = fake_config(max_iter=20, checkpoint_period=0, log_period=10)
+    _train(images, tmp_path, cfg=cfg)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    events = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    for key in ("loss", "lr"):
+        logged = [(e.step, e.value) for e in events.Scalars(f"train/{key}")]
+        assert logged == [(r["iteration"], pytest.approx(r[key], rel=1e-6)) for r in lines]
+
+
 @pytest.mark.parametrize("stop_after", [4, 6])
 def test_resume_after_a_kill_gives_bitwise_the_same_weights(images, tmp_path, stop_after):
     """Killed after ``stop_after`` iterations (checkpoints every 3), resumed: same weights as never stopped."""
