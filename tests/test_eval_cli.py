@@ -190,6 +190,10 @@ def test_coco_files_give_pycocotools_numbers(name, tmp_path):
     out = tmp_path / "coco.json"
     assert eval_main(["--coco", str(gt_path), "--detections", str(res_path), "--metric", "coco", "--json", str(out)]) == 0
     assert_coco_numbers(json.loads(out.read_text()), stats, per_class)
+    # with --coco the metric defaults to COCO's (it was VOC07)
+    default = tmp_path / "default.json"
+    assert eval_main(["--coco", str(gt_path), "--detections", str(res_path), "--json", str(default)]) == 0
+    assert json.loads(default.read_text()) == json.loads(out.read_text())
 
 
 def test_voc_split_evaluated_with_coco_metric_equals_pycocotools(tmp_path, voc_tree):

@@ -101,6 +101,34 @@ def test_train_writes_config_classes_metrics_and_checkpoints(run_dir, capsys):
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt")) == ["ckpt_0000002.pt", "ckpt_0000004.pt"]
 
 
+def test_train_scores_the_final_model_with_the_configs_metric(run_dir, tmp_path, capsys):
+    """test.metric=coco: the train tool logs and prints the COCO mAP, not VOC07 (catches a hard-coded metric)."""
+    from detect.data.voc import VOCDataset
+    from detect.evaluation import evaluate
+    from detect.faster_rcnn import FasterRCNN
+
+    synth = run_dir.parent / "synth"
+    oracle = _PixelOracle(synth)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FasterRCNN, "predict", lambda self, images, timings=None: oracle(images, timings))
+        code = train.main(["--config", str(CONFIG), "--out", str(tmp_path / "coco"), "--no-progress",
+                           *_overrides(synth), "--set", "train.max_iter=1", "--set", "test.metric=coco"])
+    assert code == 0
+    records = VOCDataset(synth, "test", classes=CLASSES).records
+    expected = evaluate(records, {r.image_id: _oracle_detection(r) for r in records}, CLASSES, "coco")
+    last = json.loads((tmp_path / "coco" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["metric"] == "coco" and last["mAP"] == pytest.approx(expected["mAP"], abs=1e-12)
+    printed = capsys.readouterr().out
+    assert f"COCO mAP on 'test' ({len(records)} images): {expected['mAP']:.4f}" in printed
+    assert "VOC07 mAP" not in printed
+
+
+def test_ap_of_a_class_without_ground_truth_prints_as_n_a():
+    from detect.cli.common import format_ap
+
+    assert [format_ap(x) for x in (float("nan"), None, 0.5, 1.0, 0.0)] == ["n/a", "n/a", "0.5000", "1.0000", "0.0000"]
+
+
 def test_resume_of_a_finished_run_and_refusal_to_mix_runs(run_dir, capsys):
     base = run_dir.parent
     args = ["--config", str(CONFIG), "--out", str(run_dir), "--no-progress", "--no-test", *_overrides(base / "synth")]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from detect.cli.common import run_cli
+from detect.cli.common import format_ap, run_cli
 from detect.data.voc import from_voc_pixels
 from detect.errors import DetectError
 
@@ -27,14 +27,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--split", default="test", help="VOC split (ImageSets/Main/<split>.txt)")
     parser.add_argument("--detections", type=Path, required=True,
                         help="VOC: folder of <prefix>_det_<split>_<class>.txt files; COCO: results JSON")
-    parser.add_argument("--metric", choices=METRICS, default="voc07")
+    parser.add_argument("--metric", choices=METRICS, default=None, help="default: voc07 with --voc, coco with --coco")
     parser.add_argument("--classes", default="auto",
                         help="comma-separated class names, 'voc' (the 20 VOC classes) or 'auto' (from the annotations)")
     parser.add_argument("--prefix", default=None, help="results file prefix (default: found automatically, e.g. comp4)")
     parser.add_argument("--python-port", action="store_true",
                         help="reproduce py-faster-rcnn's voc_eval.py (IoU > 0.5 strictly, unstable sort) instead of the devkit")
     parser.add_argument("--json", type=Path, default=None, help="write the metrics as JSON here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.metric is None:
+        args.metric = "coco" if args.coco is not None else "voc07"
+    return args
 
 
 def _classes(text: str) -> list[str] | str:
@@ -95,8 +98,8 @@ def format_table(result: dict) -> str:
     width = max([len(n) for n in result["per_class"]] + [5])
     lines = [f"{'class':<{width}}  AP ({result['metric']})"]
     for name, ap in result["per_class"].items():
-        lines.append(f"{name:<{width}}  {'n/a' if math.isnan(ap) else f'{ap:.4f}'}")
-    lines.append(f"{'mAP':<{width}}  {result['mAP']:.4f}")
+        lines.append(f"{name:<{width}}  {format_ap(ap)}")
+    lines.append(f"{'mAP':<{width}}  {format_ap(result['mAP'])}")
     if "stats" in result:
         lines.append("  ".join(f"{k}={v:.4f}" for k, v in result["stats"].items()))
     return "\n".join(lines)

@@ -11,12 +11,11 @@ seconds per image in each stage). ``tools/eval.py`` on the written files gives t
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
 from detect import distributed
-from detect.cli.common import run_distributed_cli
+from detect.cli.common import format_ap, run_distributed_cli
 from detect.errors import CheckpointError
 
 METRICS = ("voc07", "voc10", "coco", "all")
@@ -38,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _fmt(ap: float) -> str:
-    return "   n/a" if ap is None or (isinstance(ap, float) and math.isnan(ap)) else f"{ap:.4f}"
+    return f"{format_ap(ap):>6s}"
 
 
 def speed_report(timings: dict) -> dict:

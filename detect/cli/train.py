@@ -6,7 +6,7 @@
 The output folder receives ``config.yaml`` (the resolved config), ``class_names.json``,
 ``metrics.jsonl`` (and TensorBoard events when installed), ``checkpoints/ckpt_*.pt``
 (the newest ``train.keep_checkpoints``) and ``model_final.pt``. At the end the model
-is evaluated on the test split and its VOC07 mAP printed.
+is evaluated on the test split and its mAP printed (the config's ``test.metric``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from detect import distributed
-from detect.cli.common import run_distributed_cli
+from detect.cli.common import METRIC_NAMES, format_ap, run_distributed_cli
 from detect.errors import ConfigError, DetectError
 
 
@@ -177,15 +177,19 @@ def _train(args: argparse.Namespace, cfg, info, out: Path) -> dict:
     if not args.no_test:
         split = cfg.test.split or cfg.data.test_split
         test_set = build_dataset(cfg, split, strict=args.strict)
-        test, _ = evaluate_split(model, test_set, device=info.device, metric="voc07", log=log,
-                                 batch_size=cfg.test.images_per_batch, workers=cfg.train.workers,
-                                 progress=not args.no_progress)
+        metric = cfg.test.metric
+        scored, _ = evaluate_split(model, test_set, device=info.device, metric=metric, log=log,
+                                   batch_size=cfg.test.images_per_batch, workers=cfg.train.workers,
+                                   progress=not args.no_progress)
+        by_metric = scored if metric == "all" else {metric: scored}
+        test = by_metric["voc07"] if metric == "all" else scored
         if distributed.is_main():
-            MetricsLog.append(out, {"iteration": result["iteration"], "split": split, "metric": "voc07",
-                                    "mAP": test["mAP"], "per_class": test["per_class"]})
-            for name, ap in test["per_class"].items():
-                log(f"  {name:>20s}  AP {ap:.4f}")
-            log(f"VOC07 mAP on '{split}' ({len(test_set)} images): {test['mAP']:.4f}")
+            for name_of_metric, res in by_metric.items():
+                MetricsLog.append(out, {"iteration": result["iteration"], "split": split, "metric": name_of_metric,
+                                        "mAP": res["mAP"], "per_class": res["per_class"]})
+                for name, ap in res["per_class"].items():
+                    log(f"  {name:>20s}  AP {format_ap(ap)}")
+                log(f"{METRIC_NAMES[name_of_metric]} mAP on '{split}' ({len(test_set)} images): {format_ap(res['mAP'])}")
     if distributed.is_main():
         log(f"final weights: {result['final_checkpoint']}")
     return {"out": out, "final_checkpoint": result["final_checkpoint"], "test": test}
