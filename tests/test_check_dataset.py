@@ -191,17 +191,21 @@ def test_bccd_is_clean():
 def test_loader_skips_bad_annotations_with_warnings_naming_them(broken):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        data = VOCDataset(broken, "all", classes=["cat", "dog"])
+        data = VOCDataset(broken, "all", classes=["cat", "dog", "zebra"])
     messages = [str(w.message) for w in caught]
     skipped = dict(data.skipped)
-    assert set(skipped) == {"malformed", "bomb", "unknown", "noxml"}
+    assert set(skipped) == {"malformed", "bomb", "noxml"}
     for image_id, why in (("malformed", "malformed.xml: malformed XML"), ("bomb", "bomb.xml: refused unsafe XML"),
-                          ("unknown", "unknown.xml: object #1 has class 'zebra'"), ("noxml", "noxml.xml")):
+                          ("noxml", "noxml.xml")):
         assert why in skipped[image_id]
         assert any(m.startswith(f"skipped image {image_id}:") and why in m for m in messages)
     assert any("lists ids more than once: ['good']" in m for m in messages)
     kept = {r.image_id: r for r in data.records}
-    assert len(kept) == 8 and "empty" in kept and len(kept["empty"].boxes) == 0
+    assert len(kept) == 9 and "empty" in kept and len(kept["empty"].boxes) == 0
+    assert 2 in kept["unknown"].labels.tolist()
+    # without 'zebra' in the list the split is refused once, not skipped image by image (issue 14)
+    with pytest.raises(DatasetError, match=r"1 objects in 1 annotation files .* 'zebra' \(1\); set data.classes=auto"):
+        VOCDataset(broken, "all", classes=["cat", "dog"])
     # a degenerate or outside box is dropped, the rest of the image kept
     assert kept["degenerate"].labels.tolist() == [0] and len(kept["outside"].boxes) == 0
     degenerate = [w for w in caught if issubclass(w.category, DegenerateBoxWarning)]

@@ -57,13 +57,21 @@ def test_degenerate_box_is_dropped_with_a_warning_naming_file_and_object(tmp_pat
     assert data.records[0].boxes.tolist() == [[0, 0, 5, 5]]
 
 
-def test_unknown_class_skips_image_or_raises_in_strict_mode(tmp_path):
-    write_tree(tmp_path, {"a": [("zebra", (1, 1, 5, 5), 0, 0)], "b": [("cat", (1, 1, 5, 5), 0, 0)]})
-    with pytest.warns(UserWarning, match="skipped image a"):
-        data = VOCDataset(tmp_path, "s", classes=["cat"])
-    assert [r.image_id for r in data.records] == ["b"] and "zebra" in data.skipped[0][1]
-    with pytest.raises(DatasetError, match=r"a\.xml: object #0 has class 'zebra'"):
-        VOCDataset(tmp_path, "s", classes=["cat"], strict=True)
+def test_a_wrong_class_list_is_one_error_counting_the_unknown_objects(tmp_path, recwarn):
+    """Issue 14: a class list that misses the annotations' classes was one warning per image, then training
+    on what was left; now it is one error with the counts and the fix (catches a per-image skip or a flood)."""
+    write_tree(tmp_path, {"a": [("zebra", (1, 1, 5, 5), 0, 0), ("zebra", (2, 2, 9, 9), 0, 0)],
+                          "b": [("cat", (1, 1, 5, 5), 0, 0), ("okapi", (3, 3, 8, 8), 0, 0)],
+                          "c": [("cat", (1, 1, 5, 5), 0, 0)]})
+    for strict in (False, True):
+        with pytest.raises(DatasetError) as caught:
+            VOCDataset(tmp_path, "s", classes=["cat"], strict=strict)
+        message = str(caught.value)
+        assert "\n" not in message
+        assert "3 objects in 2 annotation files of split 's'" in message
+        assert "'okapi' (1), 'zebra' (2)" in message and "data.classes=auto" in message
+    assert len(recwarn) == 0
+    assert [r.image_id for r in VOCDataset(tmp_path, "s", classes="auto").records] == ["a", "b", "c"]
 
 
 @pytest.mark.parametrize("content, message", [

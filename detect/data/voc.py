@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 import xml.etree.ElementTree as ET
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -159,8 +160,13 @@ def find_image(root: Path, image_id: str, filename: str | None = None) -> Path:
     return folder / f"{image_id}.jpg"   # missing: reported when read
 
 
-def load_record(root: Path, image_id: str, class_to_index: dict[str, int], *, strict_classes: bool = True) -> ImageRecord:
-    """Read one annotation into an :class:`ImageRecord`; unusable boxes are dropped with a warning."""
+def load_record(root: Path, image_id: str, class_to_index: dict[str, int], *,
+                unknown: Counter | None = None) -> ImageRecord:
+    """Read one annotation into an :class:`ImageRecord`; unusable boxes are dropped with a warning.
+
+    An object of a class outside ``class_to_index`` is an error naming it, or, given ``unknown``,
+    is left out and counted there by class name (so a split can report all of them at once).
+    """
     path = Path(root) / "Annotations" / f"{image_id}.xml"
     meta, objects = read_objects(path)
     width, height = meta["width"], meta["height"]
@@ -168,9 +174,10 @@ def load_record(root: Path, image_id: str, class_to_index: dict[str, int], *, st
     for obj in objects:
         name = obj["name"]
         if name not in class_to_index:
-            if strict_classes:
+            if unknown is None:
                 raise DatasetError(f"{path}: object #{obj['index']} has class '{name}', which is not in the class list "
                                    f"{sorted(class_to_index)}; set data.classes (or 'auto')")
+            unknown[name] += 1
             continue
         box = from_voc_pixels(np.array(obj["bbox"]))[0]
         problem = box_problem(box, width, height)
@@ -187,6 +194,14 @@ def load_record(root: Path, image_id: str, class_to_index: dict[str, int], *, st
     return ImageRecord(image_id=image_id, path=find_image(root, image_id, meta["filename"]), width=width, height=height,
                        boxes=np.array(boxes, np.float32).reshape(-1, 4), labels=np.array(labels, np.int64),
                        difficult=np.array(difficult, bool), truncated=np.array(truncated, bool))
+
+
+def _unknown_classes_message(root: Path, split: str, unknown: Counter, files: int, class_names: list[str]) -> str:
+    """One line for a class list that does not fit the annotations: what was found, and what to set."""
+    found = ", ".join(f"'{name}' ({count})" for name, count in sorted(unknown.items()))
+    return (f"{root}: {sum(unknown.values())} objects in {files} annotation files of split '{split}' have classes "
+            f"not in data.classes {class_names}: {found}; set data.classes=auto to use the classes the "
+            f"annotations name, or list them all")
 
 
 class VOCDataset:
@@ -222,14 +237,20 @@ class VOCDataset:
             ids = list(dict.fromkeys(ids))
         self.records: list[ImageRecord] = []
         self.skipped: list[tuple[str, str]] = []
+        unknown: Counter = Counter()
+        files_with_unknown = 0
         for image_id in ids:
+            before = sum(unknown.values())
             try:
-                self.records.append(load_record(self.root, image_id, index))
+                self.records.append(load_record(self.root, image_id, index, unknown=unknown))
             except DatasetError as exc:
                 if strict:
                     raise
                 self.skipped.append((image_id, str(exc)))
                 warnings.warn(f"skipped image {image_id}: {exc}")
+            files_with_unknown += sum(unknown.values()) > before
+        if unknown:
+            raise DatasetError(_unknown_classes_message(self.root, split, unknown, files_with_unknown, self.class_names))
 
     def __len__(self) -> int:
         return len(self.records)
