@@ -15,6 +15,7 @@ def format_ap(ap: float | None) -> str:
     """An AP for a table: four decimals, ``n/a`` for a class without ground truth (None or NaN)."""
     return "n/a" if ap is None or ap != ap else f"{ap:.4f}"
 
+
 # A full disk, a file-size limit, a read-only or forbidden folder: the machine's state, not a bug, so one
 # line naming the file (files are written atomically: what was written before is intact).
 _FILESYSTEM_ERRORS = {

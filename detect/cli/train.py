@@ -77,13 +77,13 @@ def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
 
 def resolve_resume(value: str | None, out: Path) -> Path | None:
     """``--resume CKPT``: that file; ``--resume``: the run folder (its newest usable checkpoint), or None."""
-    from detect.checkpoint import list_checkpoints
+    from detect.checkpoint import latest_checkpoint
 
     if value is None:
         return None
     if value != "auto":
         return Path(value)
-    if not list_checkpoints(out / "checkpoints") and not list_checkpoints(out):
+    if latest_checkpoint(out) is None:
         log(f"--resume: no checkpoint in {out}/checkpoints yet; starting from scratch")
         return None
     return out
