@@ -15,6 +15,7 @@ from its newest checkpoint. The final model is copied to ``<out>/model_final.pt`
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -25,7 +26,69 @@ from detect import checkpoint as ckpt_io
 from detect import distributed
 from detect.config import Config, config_to_dict
 from detect.data.loader import DetectionDataset
+from detect.detector import Detector, Stage
 from detect.engine import fit
+
+
+@dataclass(frozen=True)
+class AlternatingStep:
+    """One step of the paper's 4-step alternating training (Sec. 3.2).
+
+    Attributes:
+        step: 1-4.
+        stage: the ``stage`` argument for :meth:`detect.detector.Detector.loss`.
+        trains: parameter groups (see :func:`parameter_groups`) that learn in this step.
+        init: where the model's weights come from at the start of the step.
+        proposals: "none", "step1" (a frozen copy of the step-1 model proposes) or "own" (this model's RPN).
+    """
+
+    step: int
+    stage: Stage
+    trains: tuple[str, ...]
+    init: str
+    proposals: str
+
+
+ALTERNATING_STEPS = (
+    AlternatingStep(1, "rpn", ("trunk", "rpn"), init="backbone weights (ImageNet)", proposals="none"),
+    AlternatingStep(2, "head", ("trunk", "head"), init="backbone weights (ImageNet), a separate network",
+                    proposals="step1"),
+    AlternatingStep(3, "rpn", ("rpn",), init="step 2 model (trunk, head) + step 1 RPN layers", proposals="none"),
+    AlternatingStep(4, "head", ("head",), init="step 3 model (trunk and RPN now shared)", proposals="own"),
+)
+
+
+def parameter_groups(model: Detector) -> dict[str, list[nn.Parameter]]:
+    """The model's parameters as "trunk" (shared convs), "rpn" (RPN-only layers) and "head" (fc / res5 + predictor).
+
+    Parameters that ``freeze_at`` fixes are left out: they never train.
+    """
+    frozen = {id(p) for p in model.backbone.frozen_parameters()}
+    return {"trunk": [p for p in model.backbone.parameters() if id(p) not in frozen],
+            "rpn": list(model.proposals.parameters()),
+            "head": list(model.head.parameters())}
+
+
+def apply_alternating_step(model: Detector, step: int) -> AlternatingStep:
+    """Set ``requires_grad`` for step 1-4 of alternating training and return the step's description.
+
+    Steps 3 and 4 fix the shared trunk, so at the end RPN and detector share one set of conv layers.
+    """
+    if step not in (1, 2, 3, 4):
+        raise ValueError(f"alternating training has steps 1-4, got {step}")
+    spec = ALTERNATING_STEPS[step - 1]
+    for group, params in parameter_groups(model).items():
+        for p in params:
+            p.requires_grad_(group in spec.trains)
+    return spec
+
+
+def apply_joint_training(model: Detector) -> None:
+    """Make every parameter trainable except those ``freeze_at`` fixes (approximate joint training)."""
+    for params in parameter_groups(model).values():
+        for p in params:
+            p.requires_grad_(True)
+
 
 
 def _finished_step(step_dir: Path, model: nn.Module) -> int | None:
@@ -46,8 +109,6 @@ def fit_alternating(build: Callable[[], nn.Module], train_set: DetectionDataset,
     Returns:
         ``{"model": the step-4 detector, "final_checkpoint": path, "iteration": total iterations}``.
     """
-    from detect.faster_rcnn import apply_alternating_step
-
     out_dir = Path(out_dir)
     models: dict[int, nn.Module] = {}
     total = 0
@@ -58,7 +119,7 @@ def fit_alternating(build: Callable[[], nn.Module], train_set: DetectionDataset,
         else:
             model = models[step - 1]
             if step == 3:            # the step-2 trunk and head, with the step-1 RPN layers
-                model.rpn.load_state_dict(models[1].rpn.state_dict())
+                model.proposals.load_state_dict(models[1].proposals.state_dict())
         spec = apply_alternating_step(model, step)
         log(f"alternating training, step {step}: stage '{spec.stage}', training {', '.join(spec.trains)}")
         models[step] = model

@@ -220,7 +220,7 @@ def _cut(name: str, net: nn.Module, dropout: float) -> dict:
             head = [nn.Flatten()] + head
         channels = 512 if name == "vgg16" else 256
         return dict(stages=_split_at_convs(nn.Sequential(*layers), group_by_pool=name == "vgg16"),
-                    roi_head=nn.Sequential(*head), stride=16, out_channels=channels, head_channels=4096,
+                    box_head=nn.Sequential(*head), stride=16, out_channels=channels, head_channels=4096,
                     roi_size=7 if name == "vgg16" else 6)
     if name == "googlenet":
         stages = [nn.Sequential(net.conv1, net.maxpool1), nn.Sequential(net.conv2, net.conv3, net.maxpool2),
@@ -228,16 +228,16 @@ def _cut(name: str, net: nn.Module, dropout: float) -> dict:
                   nn.Sequential(net.inception4a, net.inception4b, net.inception4c, net.inception4d, net.inception4e)]
         head = nn.Sequential(net.maxpool4, net.inception5a, net.inception5b, net.avgpool, nn.Flatten())
         # torchvision's GoogLeNet weights were trained on (x - 0.5) / 0.5 inputs.
-        return dict(stages=stages, roi_head=head, stride=16, out_channels=832, head_channels=1024, roi_size=14,
+        return dict(stages=stages, box_head=head, stride=16, out_channels=832, head_channels=1024, roi_size=14,
                     pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.5, 0.5, 0.5))
     if name.startswith("resnet"):
         stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         wide = name != "resnet18"
         return dict(stages=[stem, net.layer1, net.layer2, net.layer3],
-                    roi_head=nn.Sequential(net.layer4, nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+                    box_head=nn.Sequential(net.layer4, nn.AdaptiveAvgPool2d(1), nn.Flatten()),
                     stride=16, out_channels=1024 if wide else 256, head_channels=2048 if wide else 512, roi_size=14)
     if name in ("tiny", "tiny8"):
-        return dict(stages=list(net.features), roi_head=net.classifier, stride=net.stride,
+        return dict(stages=list(net.features), box_head=net.classifier, stride=net.stride,
                     out_channels=net.out_channels, head_channels=256, roi_size=7)
     raise ConfigError(f"model.backbone.name: unknown backbone '{name}'")
 
@@ -291,14 +291,16 @@ def _load_into(net: nn.Module, used: nn.Module, state: dict, source: str) -> Non
 
 
 def _load_parts(used: nn.ModuleDict, state: dict, source: str) -> None:
-    """Load ``trunk.*`` / ``roi_head.*`` tensors; a part the file names must be complete, a part it omits keeps its init.
+    """Load ``trunk.*`` / ``box_head.*`` tensors; a part the file names must be complete, a part it omits keeps its init.
 
-    A trunk pretrained on its own (e.g. as a classifier, R-CNN Sec. 2.3) comes without RoI-head tensors.
+    A trunk pretrained on its own (e.g. as a classifier, R-CNN Sec. 2.3) comes without per-RoI tensors.
+    Files written before the per-RoI layers were called ``box_head`` name them ``roi_head.*``: read alike.
     """
+    state = {("box_head." + k[len("roi_head."):] if k.startswith("roi_head.") else k): v for k, v in state.items()}
     parts = {k.split(".", 1)[0] for k in state}
     unknown = sorted(parts - set(used.keys()))
     if unknown:
-        raise CheckpointError(f"{source}: unexpected top-level keys {unknown} (expected trunk.*, roi_head.*)")
+        raise CheckpointError(f"{source}: unexpected top-level keys {unknown} (expected trunk.*, box_head.*)")
     for part in sorted(parts):
         prefix = f"{part}."
         given = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
@@ -366,7 +368,7 @@ def build_backbone(name: str, *, weights: str = "none", freeze_at: int = 0, free
     Args:
         name: one of :data:`BACKBONES`.
         weights: ``"none"``, ``"imagenet"`` (torchvision's, from the local torch cache) or a state-dict path
-            (the whole torchvision network's keys, or ``trunk.*`` / ``roi_head.*`` keys of this module).
+            (the whole torchvision network's keys, or ``trunk.*`` / ``box_head.*`` keys of this module).
         freeze_at: leading trunk stages kept fixed (VGG16: conv1-conv2 as in the paper; ResNet: stem + res2).
         freeze_bn: turn BatchNorm layers into FrozenBatchNorm2d.
         allow_download: let ``imagenet`` download missing weights.
@@ -377,21 +379,21 @@ def build_backbone(name: str, *, weights: str = "none", freeze_at: int = 0, free
     """
     net, weights_enum = _torchvision_network(name)
     parts = _cut(name, net, dropout)
-    roi_head = parts.pop("roi_head")
-    used = nn.ModuleDict({"trunk": nn.Sequential(*parts["stages"]), "roi_head": roi_head})
+    box_head = parts.pop("box_head")
+    used = nn.ModuleDict({"trunk": nn.Sequential(*parts["stages"]), "box_head": box_head})
     if weights == "imagenet":
         _load_into(net, used, _cached_imagenet_state(name, weights_enum, allow_download), f"{name} ImageNet weights")
     elif weights not in ("none", ""):
         state = _read_local_state(Path(weights))
-        if any(k.startswith(("trunk.", "roi_head.")) for k in state):
+        if any(k.startswith(("trunk.", "box_head.", "roi_head.")) for k in state):
             _load_parts(used, state, f"model.backbone.weights={weights}")
         else:
             _load_into(net, used, state, f"model.backbone.weights={weights}")
     backbone = Backbone(name=name, freeze_at=freeze_at, **parts)
     if freeze_bn:
         freeze_batchnorm(backbone)
-        freeze_batchnorm(roi_head)
-    return backbone, roi_head
+        freeze_batchnorm(box_head)
+    return backbone, box_head
 
 
 def is_pointwise(conv: nn.Module) -> bool:

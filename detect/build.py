@@ -1,24 +1,40 @@
 """The one place where the config meets the constructors.
 
-Read top to bottom, :func:`build_model` is the whole detector: input pipeline,
-backbone, anchors, RPN, RoI head.
+Read top to bottom, :func:`build_model` is the whole detector: the input pipeline, the backbone,
+a proposal stage (an RPN, or external boxes) and a head (the RoI head, or R-CNN's warp head),
+composed into one :class:`~detect.detector.Detector`:
+
+* ``faster_rcnn`` = RPN + RoI head (Ren et al. 2015);
+* ``fast_rcnn`` = external proposals + RoI head (Girshick 2015);
+* ``rcnn`` = external proposals + warp head (Girshick et al. 2014).
+
+:func:`model_from_checkpoint` rebuilds a saved detector from the config stored with it.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
 from torch import nn
 from torchvision.ops import RoIAlign
 
 from detect.anchors import AnchorGenerator
-from detect.backbones import build_backbone
+from detect.backbones import Backbone, build_backbone
+from detect.bbox_regression import BoxRegressionHead
 from detect.boxes import BoxCoder
-from detect.config import Config, ModelConfig
+from detect.checkpoint import load_checkpoint, load_model_weights
+from detect.config import Config, ModelConfig, config_from_dict
+from detect.detector import Detector
 from detect.errors import ConfigError
-from detect.faster_rcnn import FasterRCNN
 from detect.matching import BalancedSampler, Matcher
+from detect.proposal_sources import ExternalProposals, build_proposal_source
+from detect.rcnn import WarpHead
 from detect.roi_heads import FastRCNNPredictor, RoIHead
 from detect.roi_pool import RoIPool
 from detect.rpn import RegionProposalNetwork, RPNHead
+from detect.svd import compress_fc
+from detect.svm_heads import LinearSVMHead
 from detect.transforms import DetectionTransform
 
 # Backbones whose per-RoI layers start with a fully connected layer of fixed input size.
@@ -72,8 +88,8 @@ def _check(m: ModelConfig, where: str) -> None:
          "sizes must be positive")
 
 
-def build_model(cfg: Config, class_names: list[str] | None = None) -> nn.Module:
-    """Build the detector ``cfg.model`` describes.
+def build_model(cfg: Config, class_names: list[str] | None = None) -> Detector:
+    """Build the detector ``cfg.model.pipeline`` names, as ``cfg`` describes it.
 
     Args:
         cfg: a loaded :class:`~detect.config.Config`.
@@ -82,31 +98,48 @@ def build_model(cfg: Config, class_names: list[str] | None = None) -> nn.Module:
     Raises:
         ConfigError: the number of classes is unknown or a model setting is invalid.
     """
-    where = cfg.source or "config"
-    m = cfg.model
-    if m.pipeline == "fast_rcnn":     # same trunk and head, stored proposals instead of an RPN
-        from detect.fast_rcnn import build_fast_rcnn
-
-        return build_fast_rcnn(cfg, class_names=class_names)
-    if m.pipeline == "rcnn":
-        from detect.rcnn import build_rcnn
-
-        return build_rcnn(cfg, class_names=class_names)
     names = resolve_class_names(cfg, class_names)
-    _check(m, where)
-
+    m = cfg.model
+    if m.pipeline != "rcnn":
+        _check(m, cfg.source or "config")
     backbone, box_head = build_backbone(m.backbone.name, weights=m.backbone.weights, freeze_at=m.backbone.freeze_at,
                                         freeze_bn=m.backbone.freeze_bn, allow_download=m.backbone.allow_download,
                                         dropout=m.roi_heads.dropout)
-    transform = DetectionTransform(min_size=m.input.min_size, max_size=m.input.max_size,
-                                   test_min_size=m.input.test_min_size, pixel_mean=backbone.pixel_mean,
-                                   pixel_std=backbone.pixel_std, size_divisibility=m.input.size_divisibility,
-                                   min_input_size=backbone.min_input_size)
+    if m.pipeline == "rcnn":
+        return _rcnn(cfg, backbone, box_head, names)
+    transform = _transform(m, backbone)
+    if m.pipeline == "faster_rcnn":
+        rpn = _rpn(m, backbone)
+        return Detector(transform=transform, backbone=backbone, proposals=rpn,
+                        head=_roi_head(cfg, backbone, box_head, names), class_names=names)
+    f = cfg.fast_rcnn
+    head = _roi_head(cfg, backbone, box_head, names)
+    if f.svd_rank_fc6 or f.svd_rank_fc7:   # a compressed model's shape; its weights come from its checkpoint
+        compress_fc(head.box_head, [f.svd_rank_fc6, f.svd_rank_fc7], structure_only=True)
+    source = build_proposal_source(cfg, f.proposal_source, top_k=max(f.train_proposals, f.test_proposals),
+                                   compute_missing=f.compute_missing)
+    t = transform
+    test_transforms = [DetectionTransform(min_size=t.min_size, max_size=round(s * t.max_size / t.test_min_size),
+                                          test_min_size=s, pixel_mean=backbone.pixel_mean, pixel_std=backbone.pixel_std,
+                                          size_divisibility=t.size_divisibility, min_input_size=t.min_input_size)
+                       for s in f.test_scales]
+    return Detector(transform=transform, backbone=backbone, head=head, class_names=names,
+                    proposals=ExternalProposals(source=source, train_top=f.train_proposals, test_top=f.test_proposals),
+                    test_transforms=test_transforms, multiscale_area=f.multiscale_area)
 
+
+def _transform(m: ModelConfig, backbone: Backbone) -> DetectionTransform:
+    return DetectionTransform(min_size=m.input.min_size, max_size=m.input.max_size,
+                              test_min_size=m.input.test_min_size, pixel_mean=backbone.pixel_mean,
+                              pixel_std=backbone.pixel_std, size_divisibility=m.input.size_divisibility,
+                              min_input_size=backbone.min_input_size)
+
+
+def _rpn(m: ModelConfig, backbone: Backbone) -> RegionProposalNetwork:
     anchors = AnchorGenerator(sizes=m.anchors.sizes, ratios=m.anchors.ratios, stride=backbone.stride,
                               offset=m.anchors.offset)
     r = m.rpn
-    rpn = RegionProposalNetwork(
+    return RegionProposalNetwork(
         head=RPNHead(in_channels=backbone.out_channels, channels=r.channels, num_anchors=anchors.num_anchors),
         anchor_generator=anchors,
         matcher=Matcher(fg_iou_thresh=r.fg_iou_thresh, bg_iou_thresh_hi=r.bg_iou_thresh,
@@ -119,18 +152,20 @@ def build_model(cfg: Config, class_names: list[str] | None = None) -> nn.Module:
         nms_thresh=r.nms_thresh, min_size=r.min_size, smooth_l1_beta=r.smooth_l1_beta,
         box_loss_weight=r.box_loss_weight)
 
-    h = m.roi_heads
+
+def _roi_head(cfg: Config, backbone: Backbone, box_head: nn.Module, names: list[str]) -> RoIHead:
+    m, h = cfg.model, cfg.model.roi_heads
     size = h.pooled_size or backbone.roi_size
     if size != backbone.roi_size and m.backbone.name in _FC_HEADS:
-        raise ConfigError(f"{where}: model.roi_heads.pooled_size={size}: the {m.backbone.name} fc head takes "
-                          f"{backbone.roi_size}x{backbone.roi_size} RoIs (use 0 for the backbone's size)")
+        raise ConfigError(f"{cfg.source or 'config'}: model.roi_heads.pooled_size={size}: the {m.backbone.name} fc "
+                          f"head takes {backbone.roi_size}x{backbone.roi_size} RoIs (use 0 for the backbone's size)")
     scale = 1.0 / backbone.stride
     if h.pooler == "roi_pool":
         pooler = RoIPool(output_size=(size, size), spatial_scale=scale)
     else:
         pooler = RoIAlign(output_size=(size, size), spatial_scale=scale, sampling_ratio=h.sampling_ratio,
                           aligned=h.aligned)
-    roi_head = RoIHead(
+    return RoIHead(
         pooler=pooler, box_head=box_head,
         predictor=FastRCNNPredictor(in_channels=backbone.head_channels, num_classes=len(names)),
         matcher=Matcher(fg_iou_thresh=h.fg_iou_thresh, bg_iou_thresh_hi=h.bg_iou_thresh_hi,
@@ -140,4 +175,51 @@ def build_model(cfg: Config, class_names: list[str] | None = None) -> nn.Module:
         add_gt_as_proposals=h.add_gt_as_proposals, score_thresh=h.score_thresh, nms_thresh=h.nms_thresh,
         detections_per_img=h.detections_per_img, smooth_l1_beta=h.smooth_l1_beta)
 
-    return FasterRCNN(transform=transform, backbone=backbone, rpn=rpn, roi_head=roi_head, class_names=names)
+
+def _rcnn(cfg: Config, backbone: Backbone, box_head: nn.Module, names: list[str]) -> Detector:
+    r = cfg.rcnn
+    if not 0 <= 2 * r.context_padding < r.crop_size:
+        raise ConfigError(f"{cfg.source or 'config'}: rcnn.context_padding={r.context_padding} must be below half "
+                          f"of rcnn.crop_size={r.crop_size}")
+    classifier = nn.Linear(backbone.head_channels, len(names) + 1)
+    nn.init.normal_(classifier.weight, std=0.01)     # a new layer, as the paper's (N+1)-way fine-tuning layer
+    nn.init.zeros_(classifier.bias)
+    pool_dim = backbone.out_channels * backbone.roi_size ** 2
+    head = WarpHead(
+        box_head=box_head, classifier=classifier,
+        svm=LinearSVMHead(in_features=pool_dim if r.feature_layer == "pool5" else backbone.head_channels,
+                          num_classes=len(names)),
+        box_regressor=BoxRegressionHead(in_features=pool_dim, num_classes=len(names)),
+        matcher=Matcher(fg_iou_thresh=r.finetune_fg_iou, bg_iou_thresh_hi=r.finetune_fg_iou),
+        sampler=BalancedSampler(batch_size_per_image=r.finetune_batch, positive_fraction=r.finetune_fg_fraction),
+        crop_size=r.crop_size, context_padding=r.context_padding, pool_size=backbone.roi_size,
+        window_batch=r.window_batch, feature_layer=r.feature_layer, svm_score_thresh=r.score_thresh,
+        finetune_score_thresh=r.finetune_score_thresh, nms_thresh=r.nms_thresh,
+        detections_per_img=r.detections_per_img)
+    source = build_proposal_source(cfg, r.proposal_source, top_k=max(r.train_proposals, r.test_proposals),
+                                   compute_missing=r.compute_missing)
+    # R-CNN warps regions out of the image as given: the transform only normalises (no resize).
+    transform = DetectionTransform(pixel_mean=backbone.pixel_mean, pixel_std=backbone.pixel_std, resize=False,
+                                   min_input_size=1, size_divisibility=1)
+    return Detector(transform=transform, backbone=backbone, head=head, class_names=names,
+                    proposals=ExternalProposals(source=source, train_top=r.train_proposals, test_top=r.test_proposals))
+
+
+def model_from_checkpoint(path: str | Path, *, overrides: list[str] | None = None,
+                          device: str | torch.device = "cpu") -> tuple[Detector, Config, dict]:
+    """Rebuild the detector a checkpoint was trained as and load its weights.
+
+    Returns:
+        ``(detector in eval mode, Config, checkpoint dict)``; ``overrides`` (``key=value``) change the
+        stored config, e.g. ``data.root`` when the data moved.
+    """
+    ckpt = load_checkpoint(path)
+    cfg = config_from_dict(dict(ckpt["config"]), where=f"config stored in {ckpt['path']}", overrides=overrides)
+    # ImageNet weights are replaced by the checkpoint's anyway; never fetch them here.
+    cfg.model.backbone.weights = "none"
+    model = build_model(cfg, class_names=list(ckpt["class_names"]))
+    load_model_weights(model, ckpt)
+    return model.to(device).eval(), cfg, ckpt
+
+
+Detector.loader = staticmethod(model_from_checkpoint)   # Detector.from_checkpoint (detector.py cannot import this module)

@@ -219,11 +219,35 @@ def check_compatible(ckpt: dict, *, config: dict, class_names: list[str]) -> Non
                               f"checkpoint but {mine.get('backbone', {}).get('name')!r} in this config")
 
 
+# State-dict prefixes of the three classes before the One Detector refactor (FasterRCNN's "rpn" / "roi_head",
+# RCNN's head parts at the top level) and their names in today's Detector.
+_OLD_PREFIXES = {"rpn.": "proposals.", "roi_head.": "head.", "box_head.": "head.box_head.",
+                 "classifier.": "head.classifier.", "svm.": "head.svm.", "box_regressor.": "head.box_regressor."}
+
+
+def upgrade_state_dict(state: dict, own_keys) -> dict:
+    """A state dict in the layout written before the One Detector refactor, renamed to today's keys.
+
+    Only keys that are not today's and whose renamed form is are renamed; anything else is left for
+    :func:`load_model_weights` to report.
+    """
+    own_keys = set(own_keys)
+    out = {}
+    for key, value in state.items():
+        if key not in own_keys:
+            for old, new in _OLD_PREFIXES.items():
+                if key.startswith(old) and new + key[len(old):] in own_keys:
+                    key = new + key[len(old):]
+                    break
+        out[key] = value
+    return out
+
+
 def load_model_weights(model: nn.Module, ckpt: dict) -> None:
-    """``model.load_state_dict`` with a one-line error naming the mismatched keys."""
+    """``model.load_state_dict`` with a one-line error naming the mismatched keys (old layouts are renamed)."""
     where = ckpt.get("path", "checkpoint")
-    state = ckpt["model"]
     own = model.state_dict()
+    state = upgrade_state_dict(ckpt["model"], own)
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
@@ -345,23 +369,3 @@ def set_aside(directory: str | Path, first_iteration: int) -> list[Path]:
         remaining = list_checkpoints(directory)
         _write_pointer(directory, remaining[-1][1].name if remaining else None)
     return moved
-
-
-def model_from_checkpoint(path: str | Path, *, overrides: list[str] | None = None,
-                          device: str | torch.device = "cpu"):
-    """Rebuild the detector a checkpoint was trained as and load its weights.
-
-    Returns:
-        ``(model in eval mode, Config, checkpoint dict)``; ``overrides`` (``key=value``) change the
-        stored config, e.g. ``data.root`` when the data moved.
-    """
-    from detect import build_model
-    from detect.config import config_from_dict
-
-    ckpt = load_checkpoint(path)
-    cfg = config_from_dict(dict(ckpt["config"]), where=f"config stored in {ckpt['path']}", overrides=overrides)
-    # ImageNet weights are replaced by the checkpoint's anyway; never fetch them here.
-    cfg.model.backbone.weights = "none"
-    model = build_model(cfg, class_names=list(ckpt["class_names"]))
-    load_model_weights(model, ckpt)
-    return model.to(device).eval(), cfg, ckpt

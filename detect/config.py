@@ -279,6 +279,7 @@ class RCNNConfig:
     feature_layer: Literal["fc7", "pool5"] = "fc7"     # SVM features (Table 2: fine-tuned fc7 is best)
     feature_cache: str = ""        # directory of the stage-2 feature cache (empty: <run>/features)
     score_thresh: float = -1.0     # test: detections with an SVM score below this are dropped
+    finetune_score_thresh: float = 0.05   # test before stage 3: minimum fine-tuned softmax score
     nms_thresh: float = 0.3        # test: per-class greedy NMS (Sec. 2.2)
     detections_per_img: int = 100
     svm: SVMConfig = field(default_factory=SVMConfig)

@@ -104,7 +104,7 @@ RANGES: dict[str, Range] = {
     "rcnn.crop_size": POSITIVE, "rcnn.context_padding": NON_NEGATIVE, "rcnn.train_proposals": NON_NEGATIVE,
     "rcnn.test_proposals": NON_NEGATIVE, "rcnn.window_batch": POSITIVE, "rcnn.finetune_batch": POSITIVE,
     "rcnn.finetune_fg_fraction": FRACTION, "rcnn.finetune_fg_iou": FRACTION, "rcnn.nms_thresh": FRACTION,
-    "rcnn.detections_per_img": POSITIVE,
+    "rcnn.detections_per_img": POSITIVE, "rcnn.finetune_score_thresh": FRACTION,
     "rcnn.svm.C": POSITIVE, "rcnn.svm.pos_weight": POSITIVE, "rcnn.svm.bias_multiplier": NON_NEGATIVE,
     "rcnn.svm.neg_iou": FRACTION, "rcnn.svm.retrain_limit": NON_NEGATIVE, "rcnn.svm.epochs": POSITIVE,
     "rcnn.svm.feature_norm": NON_NEGATIVE, "rcnn.svm.retrain_growth": NON_NEGATIVE, "rcnn.svm.batch_images": POSITIVE,

@@ -21,7 +21,6 @@ into it is refused, and temp files that a killed run left there are deleted.
 
 from __future__ import annotations
 
-import inspect
 import random
 import time
 from dataclasses import dataclass, field
@@ -171,13 +170,6 @@ def _bad_step(state: TrainState, cfg: TrainConfig, problem: str | None, losses: 
 # --------------------------------------------------------------------------- evaluation
 
 
-def _predict_accepts(model: nn.Module, keyword: str) -> bool:
-    try:
-        return keyword in inspect.signature(model.predict).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, *, device: torch.device, timings: dict | None = None,
              log: Callable[[str], None] = print, progress: bool = False) -> dict:
@@ -185,14 +177,12 @@ def evaluate(model: nn.Module, loader, *, device: torch.device, timings: dict | 
 
     Returns:
         ``{image_id: {"boxes": (N, 4) float32 xyxy, "scores": (N,), "labels": (N,) int64}}`` (numpy),
-        complete on every rank. ``timings`` (if given) accumulates seconds per stage when
-        the model's ``predict`` reports them, plus ``"total"`` and ``"images"``.
+        complete on every rank. ``timings`` (if given) accumulates the model's seconds per stage
+        (:data:`detect.detector.TIMING_KEYS`) plus ``"total"`` and ``"images"``.
     """
     was_training = model.training
     model.eval()
     detections: dict = {}
-    kwargs_ok = timings is not None and _predict_accepts(model, "timings")
-    ids_ok = _predict_accepts(model, "image_ids")
     # Evaluation must not move the training RNG, or a resumed run would diverge from an uninterrupted one.
     cuda_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
@@ -208,10 +198,8 @@ def evaluate(model: nn.Module, loader, *, device: torch.device, timings: dict | 
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
-            kwargs = {"timings": timings} if kwargs_ok else {}
-            if ids_ok:   # stored-proposal pipelines find each image's boxes by id
-                kwargs["image_ids"] = [t["image_id"] for t in batch.targets]
-            outputs = model.predict(images, **kwargs)
+            # The ids let stored-proposal pipelines find each image's boxes.
+            outputs = model.predict(images, image_ids=[t["image_id"] for t in batch.targets], timings=timings)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if timings is not None:
@@ -230,15 +218,20 @@ def evaluate(model: nn.Module, loader, *, device: torch.device, timings: dict | 
 
 def evaluate_split(model: nn.Module, dataset: DetectionDataset, *, device: torch.device, metric: str = "voc07",
                    batch_size: int = 1, workers: int = 0, log=print, progress: bool = False,
-                   timings: dict | None = None) -> tuple[dict, dict]:
-    """Predict on a whole split (sharded over ranks) and score it: ``(metrics, detections)``."""
+                   timings: dict | None = None, limit: int = 0) -> tuple[dict, dict]:
+    """Predict on a split (sharded over ranks; its first ``limit`` images when > 0) and score it.
+
+    Returns:
+        ``(metrics, detections)``.
+    """
     from detect.evaluation import evaluate as score
 
     loader = eval_loader(dataset, batch_size=batch_size, workers=workers, rank=distributed.get_rank(),
-                         world_size=distributed.get_world_size())
+                         world_size=distributed.get_world_size(), limit=limit)
     detections = evaluate(model, loader, device=device, log=log, progress=progress, timings=timings)
     # An unreadable image stays in the ground truth: its objects count as missed.
-    return score(dataset.records, detections, dataset.class_names, metric), detections
+    records = dataset.records[:limit] if limit > 0 else dataset.records
+    return score(records, detections, dataset.class_names, metric), detections
 
 
 # --------------------------------------------------------------------------- the whole run

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torchvision.ops import box_iou
 
 FOREGROUND = 1
 BACKGROUND = 0
@@ -109,3 +110,27 @@ class BalancedSampler:
         out[positive] = FOREGROUND
         out[negative] = BACKGROUND
         return out
+
+
+def label_candidates(matcher: Matcher, proposals: Tensor, gt_boxes: Tensor, gt_labels: Tensor, *,
+                     add_gt: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The proposal target layer's labelling, shared by the RoI head and R-CNN's fine-tuning.
+
+    Args:
+        matcher: the IoU rule (foreground, background, ignored).
+        proposals: (P, 4) candidate boxes.
+        gt_boxes: (G, 4) ground truth in the same pixels; gt_labels: (G,) 0-based classes.
+        add_gt: append the ground-truth boxes to the candidates (py-faster-rcnn and R-CNN do).
+
+    Returns:
+        candidates (P', 4), kind (P',) FOREGROUND / BACKGROUND / IGNORE, matched (P',) index of the
+        best ground truth, labels (P',) in [0, C]: the matched class + 1 for foreground, 0 otherwise.
+    """
+    gt_boxes = gt_boxes.to(proposals.dtype)
+    candidates = torch.cat([proposals, gt_boxes]) if add_gt else proposals
+    matched, kind = matcher(box_iou(gt_boxes, candidates))
+    labels = torch.zeros(len(candidates), dtype=torch.int64, device=candidates.device)
+    if gt_boxes.numel():
+        fg = kind == FOREGROUND
+        labels[fg] = gt_labels.to(candidates.device)[matched[fg]] + 1
+    return candidates, kind, matched, labels

@@ -20,7 +20,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.ops import remove_small_boxes
 
 from detect.errors import ConfigError, DetectError
@@ -164,15 +164,40 @@ class GroundTruthProposals(FixedProposals):
         return super().__call__(images, image_ids, flipped=flipped)
 
 
-class RPNProposals:
-    """Proposals of a trained Faster R-CNN's RPN (its ``propose``), e.g. to feed a separate Fast R-CNN."""
+class ExternalProposals(nn.Module):
+    """A proposal source as the proposal stage of :class:`detect.detector.Detector` (Fast R-CNN, R-CNN).
 
-    def __init__(self, *, model) -> None:
-        self.model = model
+    Args:
+        source: a :class:`ProposalSource` (boxes in the images' pixels, best first).
+        train_top, test_top: the best-ranked boxes used per image in training / testing (0: all).
+    """
 
-    def __call__(self, images, image_ids=None, *, flipped=None, targets=None) -> list[Tensor]:
-        boxes, _ = self.model.propose(images)
-        return [_clean(b, image, 0) for b, image in zip(boxes, images)]
+    loss_names: tuple[str, ...] = ()      # nothing to learn
+
+    def __init__(self, *, source: ProposalSource, train_top: int = 2000, test_top: int = 2000) -> None:
+        super().__init__()
+        self.source = source
+        self.train_top = train_top
+        self.test_top = test_top
+
+    def input_boxes(self, inp, *, training: bool) -> list[Tensor]:
+        """Each image's boxes in its own pixels; training passes flips and targets (the ground-truth source)."""
+        if training:
+            boxes = self.source(inp.images, inp.image_ids, flipped=inp.flipped, targets=inp.input_targets)
+        else:
+            boxes = self.source(inp.images, inp.image_ids)
+        top = (self.train_top if training else self.test_top) or None
+        return [b[:top] for b in boxes]
+
+    def run(self, inp, *, training: bool, with_loss: bool = False) -> tuple[list[Tensor], None, dict]:
+        """(boxes in network-input pixels, no scores, no losses)."""
+        dtype = inp.batch.tensor.dtype if inp.features is None else inp.features.dtype
+        boxes = [inp.transform.boxes_to_network(b.to(dtype), size, orig) for b, size, orig in
+                 zip(self.input_boxes(inp, training=training), inp.batch.image_sizes, inp.batch.original_sizes)]
+        return boxes, None, {}
+
+    def extra_repr(self) -> str:
+        return f"source={type(self.source).__name__}, train_top={self.train_top}, test_top={self.test_top}"
 
 
 # --------------------------------------------------------------------------- from config

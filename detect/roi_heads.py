@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import RoIAlign, RoIPool, batched_nms, box_iou, clip_boxes_to_image
+from torchvision.ops import RoIAlign, RoIPool
 
 from detect.boxes import BoxCoder
-from detect.matching import BalancedSampler, Matcher
+from detect.matching import BalancedSampler, Matcher, label_candidates
 
 
 class FastRCNNPredictor(nn.Module):
@@ -70,7 +70,7 @@ def fast_rcnn_loss(class_logits: Tensor, deltas: Tensor, labels: Tensor, target_
 
 
 class RoIHead(nn.Module):
-    """RoI pooling + per-RoI layers + predictor, with training-time sampling and inference post-processing.
+    """RoI pooling + per-RoI layers + predictor, with training-time sampling; a head of :class:`detect.detector.Detector`.
 
     Args:
         pooler: ``torchvision.ops.RoIPool`` or ``RoIAlign`` with the backbone's spatial scale.
@@ -85,6 +85,9 @@ class RoIHead(nn.Module):
         detections_per_img: keep at most this many detections per image.
         smooth_l1_beta: see :func:`fast_rcnn_loss`.
     """
+
+    uses_feature_map = True                  # pools RoIs from the backbone's map of the whole image
+    loss_names = ("loss_cls", "loss_box")
 
     def __init__(self, *, pooler: RoIPool | RoIAlign, box_head: nn.Module, predictor: FastRCNNPredictor,
                  matcher: Matcher, sampler: BalancedSampler, box_coder: BoxCoder, add_gt_as_proposals: bool = True,
@@ -127,59 +130,38 @@ class RoIHead(nn.Module):
         """
         rois, labels, deltas = [], [], []
         for props, target in zip(proposals, targets):
-            gt, gt_labels = target["boxes"].to(props.dtype), target["labels"]
-            if self.add_gt_as_proposals:
-                props = torch.cat([props, gt])
-            matched, kind = self.matcher(box_iou(gt, props))
+            gt = target["boxes"].to(props.dtype)
+            props, kind, matched, cand_labels = label_candidates(self.matcher, props, gt, target["labels"],
+                                                                 add_gt=self.add_gt_as_proposals)
             pos, neg = self.sampler(kind)
             keep = torch.cat([pos, neg])
-            img_labels = torch.zeros(keep.numel(), dtype=torch.int64, device=props.device)
             img_deltas = torch.zeros(keep.numel(), 4, dtype=props.dtype, device=props.device)
             if gt.numel():
-                img_labels[: pos.numel()] = gt_labels[matched[pos]] + 1
                 img_deltas[: pos.numel()] = self.box_coder.encode(gt[matched[pos]], props[pos])
             rois.append(props[keep])
-            labels.append(img_labels)
+            labels.append(cand_labels[keep])
             deltas.append(img_deltas)
         return rois, torch.cat(labels), torch.cat(deltas)
 
-    def loss(self, features: Tensor, proposals: list[Tensor], targets: list[dict],
-             image_sizes: list[tuple[int, int]] | None = None) -> dict[str, Tensor]:
+    def loss(self, inp, proposals: list[Tensor]) -> dict[str, Tensor]:
         """Sample RoIs from the proposals and return {"loss_cls", "loss_box"}.
 
         Args:
-            features: (N, C, H, W) shared feature map.
+            inp: the batch (:class:`detect.detector.Inputs`): its feature map and targets in network pixels.
             proposals: N tensors (P_i, 4) in network-input pixels (any source).
-            targets: N dicts, "boxes" in network-input pixels, "labels" 0-based.
-            image_sizes: unused in training; accepted so every proposal source calls the head alike.
         """
-        rois, labels, target_deltas = self.sample_proposals(proposals, targets)
-        class_logits, deltas = self(features, rois)
+        rois, labels, target_deltas = self.sample_proposals(proposals, inp.targets)
+        class_logits, deltas = self(inp.features, rois)
         return fast_rcnn_loss(class_logits, deltas, labels, target_deltas, smooth_l1_beta=self.smooth_l1_beta)
 
-    def predict(self, features: Tensor, proposals: list[Tensor],
-                image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
-        """Detections per image: decode, clip, score threshold, per-class NMS, top-k (Sec. 2.4 / 4).
+    def score(self, inp, proposals: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """Per image: class probabilities (R_i, C) and class-specific decoded boxes (R_i, C, 4), background dropped.
 
-        Returns:
-            N dicts with "boxes" (D, 4) in network-input pixels, "scores" (D,), "labels" (D,) 0-based.
+        Boxes are in network-input pixels, not clipped (see :func:`detect.postprocess.select_detections`).
         """
-        class_logits, deltas = self(features, proposals)
+        class_logits, deltas = self(inp.features, proposals)
         probs = F.softmax(class_logits, dim=-1)
         counts = [p.shape[0] for p in proposals]
-        boxes_all = self.box_coder.decode(deltas, torch.cat(proposals).to(deltas.dtype))
-        boxes_all = boxes_all.view(deltas.shape[0], class_logits.shape[1], 4)
-        results = []
-        for boxes, scores, size in zip(boxes_all.split(counts), probs.split(counts), image_sizes):
-            boxes = clip_boxes_to_image(boxes[:, 1:], size)        # drop the background column
-            scores = scores[:, 1:]
-            labels = torch.arange(scores.shape[1], device=scores.device).expand_as(scores)
-            boxes, scores, labels = boxes.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1)
-            wide = boxes[:, 2] - boxes[:, 0] >= 1e-2
-            tall = boxes[:, 3] - boxes[:, 1] >= 1e-2
-            keep = (scores > self.score_thresh) & wide & tall
-            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-            keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
-            results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
-        return results
-
+        boxes = self.box_coder.decode(deltas, torch.cat(proposals).to(deltas.dtype))
+        boxes = boxes.view(deltas.shape[0], class_logits.shape[1], 4)
+        return [(p[:, 1:], b[:, 1:]) for p, b in zip(probs.split(counts), boxes.split(counts))]

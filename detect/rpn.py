@@ -126,6 +126,20 @@ class RegionProposalNetwork(nn.Module):
         self.smooth_l1_beta = smooth_l1_beta
         self.box_loss_weight = box_loss_weight
 
+    loss_names = ("loss_rpn_cls", "loss_rpn_box")
+
+    def run(self, inp, *, training: bool, with_loss: bool = False) -> tuple[list[Tensor], list[Tensor] | None, dict]:
+        """The proposal stage of :class:`detect.detector.Detector`: (boxes, objectness scores, losses).
+
+        Boxes are in network-input pixels; ``with_loss`` (training) also computes this stage's losses
+        against ``inp.targets``, and its proposals are then detached and without scores.
+        """
+        if with_loss:
+            losses, boxes = self.loss(inp.features, inp.batch.image_sizes, [t["boxes"] for t in inp.targets])
+            return boxes, None, losses
+        boxes, scores = self.predict(inp.features, inp.batch.image_sizes, training=training)
+        return boxes, scores, {}
+
     def loss(self, features: Tensor, image_sizes: list[tuple[int, int]],
              gt_boxes: list[Tensor]) -> tuple[dict[str, Tensor], list[Tensor]]:
         """Training step: losses and the proposals for the RoI head.

@@ -98,12 +98,13 @@ class DetectionTransform(nn.Module):
         pixel_mean, pixel_std: per-channel statistics of the backbone's training data ([0, 1] RGB).
         size_divisibility: padded height and width are multiples of this.
         min_input_size: padded height and width are at least this (so tiny images survive the trunk's pooling).
+        resize: False keeps every image at its own size (R-CNN warps regions out of the image as given).
     """
 
     def __init__(self, *, min_size: Sequence[int] = (600,), max_size: int = 1000, test_min_size: int = 600,
                  pixel_mean: Sequence[float] = (0.485, 0.456, 0.406),
                  pixel_std: Sequence[float] = (0.229, 0.224, 0.225),
-                 size_divisibility: int = 32, min_input_size: int = 32) -> None:
+                 size_divisibility: int = 32, min_input_size: int = 32, resize: bool = True) -> None:
         super().__init__()
         if not min_size or min(min_size) < 1 or max_size < 1 or test_min_size < 1:
             raise ValueError(f"image sizes must be positive, got min_size={list(min_size)}, max_size={max_size}")
@@ -112,10 +113,13 @@ class DetectionTransform(nn.Module):
         self.test_min_size = int(test_min_size)
         self.size_divisibility = max(1, int(size_divisibility))
         self.min_input_size = int(min_input_size)
+        self.resize = resize
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(3, 1, 1), persistent=False)
 
     def _scale(self, height: int, width: int, training: bool) -> float:
+        if not self.resize:
+            return 1.0
         if training and len(self.min_size) > 1:
             target = self.min_size[int(torch.randint(len(self.min_size), ()).item())]
         else:

@@ -81,7 +81,7 @@ class FakeDetector(nn.Module):
         return losses
 
     @torch.no_grad()
-    def predict(self, images: list[torch.Tensor]) -> list[dict]:
+    def predict(self, images: list[torch.Tensor], *, image_ids=None, timings=None) -> list[dict]:
         out = []
         for image in images:
             height, width = image.shape[-2:]

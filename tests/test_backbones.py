@@ -121,9 +121,15 @@ def test_local_weight_files(tmp_path):
     # this module's own layout round-trips too
     own = tmp_path / "own.pth"
     torch.save({**{f"trunk.{k}": v for k, v in backbone.trunk.state_dict().items()},
-                **{f"roi_head.{k}": v for k, v in head.state_dict().items()}}, own)
-    again, _ = build_backbone("alexnet", weights=str(own))
+                **{f"box_head.{k}": v for k, v in head.state_dict().items()}}, own)
+    again, again_head = build_backbone("alexnet", weights=str(own))
     assert torch.equal(again.trunk[0][0].weight, backbone.trunk[0][0].weight)
+    # files written before the per-RoI layers were called box_head name them roi_head.*
+    older = tmp_path / "older.pth"
+    torch.save({**{f"trunk.{k}": v for k, v in backbone.trunk.state_dict().items()},
+                **{f"roi_head.{k}": v for k, v in head.state_dict().items()}}, older)
+    _, old_head = build_backbone("alexnet", weights=str(older))
+    assert torch.equal(old_head[2].weight, head[2].weight) and torch.equal(again_head[2].weight, head[2].weight)
     partial = tmp_path / "partial.pth"
     torch.save({k: v for k, v in reference.state_dict().items() if not k.startswith("features.0")}, partial)
     with pytest.raises(CheckpointError, match="missing"):

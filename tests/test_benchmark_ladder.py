@@ -44,37 +44,39 @@ def test_rcnn_timed_on_k_proposals_and_scaled_to_n(synthetic):
     dataset = build_dataset(cfg, "test")
     torch.manual_seed(0)
     model = build_model(cfg, class_names=dataset.class_names).eval()
-    model.test_proposals = 30                       # N: the cap the full run would use
+    model.proposals.test_top = 30                   # N: the cap the full run would use
     image, target = dataset[0]
     h, w = image.shape[-2:]
     rng = np.random.default_rng(0)
     xy = rng.uniform(0, [w / 2, h / 2], (40, 2))
     boxes = {target["image_id"]: np.concatenate([xy, xy + rng.uniform(8, 40, (40, 2))], 1).astype(np.float32)}
     seen = []
-    region_features = model.region_features
-    model.region_features = lambda image, props: (seen.append(len(props)), region_features(image, props))[1]
+    region_features = model.head.region_features
+    model.head.region_features = lambda net, image, props: (seen.append(len(props)), region_features(net, image, props))[1]
 
     _, sums = speed.time_images(model, dataset, [0], boxes, device="cpu", clock=TickClock(), sample=10)
     sampled = speed.per_image(speed.add_sums(dict(sums), sums))          # two identical images: the same mean
     assert seen == [10]                             # only K warps went through the CNN
     assert sampled["rois"] == 30 and sampled["sampled"] == 10
     assert sampled["proposals"] == 1.0              # the box lookup is not scaled
-    assert sampled["features"] == pytest.approx(3.0) and sampled["heads"] == pytest.approx(3.0)   # 1 s * 30 / 10
+    # each lap is 1 tick: "features" is lapped twice (the transform; the warps through the CNN), the ladder's
+    # "heads" three times (the SVMs, the detector's head lap, post-processing); all scaled by 30 / 10
+    assert sampled["features"] == pytest.approx(2 * 3.0) and sampled["heads"] == pytest.approx(3 * 3.0)
     assert timing.time is __import__("time")       # the stage clock is put back
 
     full = speed.per_image(speed.time_images(model, dataset, [0], boxes, device="cpu", clock=TickClock())[1])
-    assert seen[-1] == 30 and full["features"] == pytest.approx(1.0) and full["sampled"] == 30
+    assert seen[-1] == 30 and full["features"] == pytest.approx(2.0) and full["sampled"] == 30
     more = speed.per_image(speed.time_images(model, dataset, [0], boxes, device="cpu", clock=TickClock(),
                                              sample=100)[1])
-    assert seen[-1] == 30 and more["features"] == pytest.approx(1.0)   # K above N runs all N, unscaled
+    assert seen[-1] == 30 and more["features"] == pytest.approx(2.0)   # K above N runs all N, unscaled
 
 
 def test_untrained_rcnn_scores_with_svms_and_regressors(synthetic):
     cfg = load_config(TINY["rcnn"], synthetic + ["rcnn.proposal_source=selective_search"])
     model = build_model(cfg, class_names=["a", "b"])
-    assert not model.svm.trained
+    assert not model.head.svm.trained
     benchmark._random_rcnn_heads(model)
-    assert model.svm.trained and model.box_regressor.trained and float(model.svm.weight.abs().sum()) > 0
+    assert model.head.svm.trained and model.head.box_regressor.trained and float(model.head.svm.weight.abs().sum()) > 0
 
 
 def test_ladder_from_configs_writes_a_timing_table(synthetic, tmp_path):

@@ -14,8 +14,8 @@ from detect.data.synthetic import generate_synthetic
 def test_twin_copies_weights_and_settings():
     """Catches a twin whose RPN head or anchors differ from ours (weights not copied, ratios reordered)."""
     ours, theirs, cfg = bench.build_pair("tiny", 3, ["model.input.min_size=[96]", "model.input.max_size=160"])
-    assert theirs.rpn.head.cls_logits.weight.shape == ours.rpn.head.cls_logits.weight.shape
-    assert torch.equal(theirs.roi_heads.box_predictor.bbox_pred.weight, ours.roi_head.predictor.bbox_pred.weight)
+    assert theirs.rpn.head.cls_logits.weight.shape == ours.proposals.head.cls_logits.weight.shape
+    assert torch.equal(theirs.roi_heads.box_predictor.bbox_pred.weight, ours.head.predictor.bbox_pred.weight)
     assert torch.equal(theirs.backbone.body[0][0].weight, ours.backbone.trunk[0][0].weight)
     assert theirs.roi_heads.fg_bg_sampler.batch_size_per_image == cfg.model.roi_heads.batch_size_per_image
     assert theirs.rpn._post_nms_top_n["testing"] == cfg.model.rpn.post_nms_top_n_test
@@ -27,14 +27,14 @@ def test_twin_copies_weights_and_settings():
         batch, _ = ours.transform(image)
         features = ours.backbone(batch.tensor)
         assert torch.allclose(features, theirs.backbone(batch.tensor), atol=1e-5)
-        logits, deltas = ours.rpn.head(features)                     # (N, H*W*A), (N, H*W*A, 4): anchor order
+        logits, deltas = ours.proposals.head(features)                     # (N, H*W*A), (N, H*W*A, 4): anchor order
         (objectness,), (box_deltas,) = theirs.rpn.head([features])   # (N, A, H, W), (N, A*4, H, W)
         n, a, h, w = objectness.shape
         assert logits.std() > 1e-3                                   # a map with something to compare
         assert torch.allclose(logits.view(n, h, w, a).permute(0, 3, 1, 2), objectness, atol=1e-6)
         assert torch.allclose(deltas.view(n, h, w, a, 4).permute(0, 3, 4, 1, 2).reshape(n, a * 4, h, w), box_deltas,
                               atol=1e-6)
-        proposals, _ = ours.rpn.predict(features, batch.image_sizes)
+        proposals, _ = ours.proposals.predict(features, batch.image_sizes)
         (theirs_proposals,), _ = theirs.rpn(ImageList(batch.tensor, batch.image_sizes), {"0": features})
     # torchvision rounds its anchors to whole pixels (ours are exact): the boxes agree within a pixel
     assert len(proposals[0]) == len(theirs_proposals) == cfg.model.rpn.post_nms_top_n_test

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from detect import build_model, load_config
-from detect.faster_rcnn import FasterRCNN
+from detect.detector import Detector
+from detect.rpn import RegionProposalNetwork
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "faster_rcnn").glob("*.yaml"))
 SMALL = ["model.backbone.weights=none", "model.input.min_size=[128]", "model.input.max_size=192",
@@ -32,8 +33,8 @@ def test_config_builds_trains_one_step_and_predicts(path):
     bn = ["model.backbone.freeze_bn=false"] if "resnet" in path.stem else []
     cfg = load_config(path, overrides=SMALL + bn)
     model = build_model(cfg, class_names=["a", "b", "c"])
-    assert isinstance(model, FasterRCNN) and model.backbone.name == cfg.model.backbone.name
-    assert model.rpn.anchor_generator.num_anchors == len(cfg.model.anchors.sizes) * len(cfg.model.anchors.ratios)
+    assert isinstance(model, Detector) and isinstance(model.proposals, RegionProposalNetwork) and model.backbone.name == cfg.model.backbone.name
+    assert model.proposals.anchor_generator.num_anchors == len(cfg.model.anchors.sizes) * len(cfg.model.anchors.ratios)
     g = torch.Generator().manual_seed(0)
     images = [torch.rand(3, 90, 120, generator=g), torch.rand(3, 100, 80, generator=g)]
     targets = [{"boxes": torch.tensor([[10.0, 10.0, 70.0, 80.0]]), "labels": torch.tensor([1])},

@@ -11,8 +11,7 @@ from torchvision.ops import box_iou
 
 from detect import build_model, load_config
 from detect.errors import DetectError
-from detect.fast_rcnn import FastRCNN
-from detect.proposal_sources import FixedProposals, open_store, search_params_from_config
+from detect.proposal_sources import ExternalProposals, FixedProposals, open_store, search_params_from_config
 from proposals import selective_search
 from proposals.compute import search_kwargs
 
@@ -47,14 +46,14 @@ def batch():
 def test_loss_reads_stored_proposals_and_mirrors_them_for_flipped_images(stored):
     torch.manual_seed(0)
     model = build_model(stored, class_names=["x", "y"])
-    assert isinstance(model, FastRCNN) and not hasattr(model, "rpn")
+    assert isinstance(model.proposals, ExternalProposals) and not model.proposals.loss_names
     images, targets = batch()
     losses = model.loss(images, targets)
     assert set(losses) == {"loss_cls", "loss_box"} and math.isfinite(sum(losses.values()).item())
     assert losses["loss_cls"].item() == pytest.approx(math.log(3), abs=0.15)
     sum(losses.values()).backward()
-    assert model.roi_head.predictor.cls_score.weight.grad.abs().sum() > 0
-    boxes = model.proposals(images, ["a", "b"], flipped=[True, False])
+    assert model.head.predictor.cls_score.weight.grad.abs().sum() > 0
+    boxes = model.proposals.source(images, ["a", "b"], flipped=[True, False])
     assert boxes[0][0].tolist() == [30.0, 10.0, 70.0, 40.0]        # x -> 80 - x
     assert boxes[1].tolist() == [[20.0, 5.0, 60.0, 45.0]]
 
@@ -64,26 +63,26 @@ def test_missing_image_is_a_clear_error_or_computed_when_asked(stored):
     images, _ = batch()
     with pytest.raises(DetectError, match=r"no stored proposals for image 'zzz' in .*store.*compute_missing"):
         model.predict(images[:1], image_ids=["zzz"])
-    model.proposals.compute_missing = True
+    model.proposals.source.compute_missing = True
     det = model.predict(images[:1], image_ids=["zzz"])[0]            # selective search on the fly
     assert len(det["boxes"]) > 0 and (det["boxes"][:, 2] <= 80 + 1e-3).all() and (det["boxes"][:, 3] <= 60 + 1e-3).all()
     # the boxes are selective search's on the image's pixels, with the store's parameters
     pixels = (images[0] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     searched = selective_search(np.ascontiguousarray(pixels), **search_kwargs(search_params_from_config(stored)))
-    computed = model.proposals(images[:1], ["zzz"])[0]
+    computed = model.proposals.source(images[:1], ["zzz"])[0]
     assert len(computed) > 1 and torch.equal(computed, torch.from_numpy(searched[: len(computed)]))
     timings = {}
     model.predict(images, image_ids=["a", "b"], timings=timings)
-    assert set(timings) == {"proposals", "features", "heads"}
+    assert set(timings) == {"features", "proposals", "head", "postprocess"}
 
 
 def test_without_ids_boxes_are_computed_once_per_image(stored):
     model = build_model(stored, class_names=["x", "y"])
-    source = model.proposals.compute
+    source = model.proposals.source.compute
     image = torch.rand(3, 64, 64)
-    first = model.proposals([image])[0]
+    first = model.proposals.source([image])[0]
     assert len(source._memo) == 1
-    again = model.proposals([image.clone()])[0]                       # same pixels: remembered, not recomputed
+    again = model.proposals.source([image.clone()])[0]                       # same pixels: remembered, not recomputed
     assert torch.equal(first, again) and len(source._memo) == 1
 
 
@@ -98,13 +97,13 @@ def test_multiscale_testing_reads_each_roi_at_its_scale(stored):
     assert [t.test_min_size for t in model.test_transforms] == [64, 128]
     images, _ = batch()
     calls = []
-    real = model.roi_head.predict
+    real = model.head.score
 
-    def spy(features, rois, image_sizes):
-        calls.append((image_sizes[0], rois[0].shape[0]))
-        return real(features, rois, image_sizes)
+    def spy(inp, rois):
+        calls.append((inp.batch.image_sizes[0], rois[0].shape[0]))
+        return real(inp, rois)
 
-    model.roi_head.predict = spy
+    model.head.score = spy
     multi = model.predict(images[:1], image_ids=["a"])[0]
     # image a (60 x 80) goes in at 64 x 85 and 128 x 170; its 40x30, 30x30 and 65x40 boxes cover
     # 1365, 1024, 2958 px^2 at 64 and 5461, 4096, 11833 at 128: closest to 3500 are 128, 128, 64
@@ -113,12 +112,12 @@ def test_multiscale_testing_reads_each_roi_at_its_scale(stored):
     assert (multi["boxes"][:, 2] <= 80 + 1e-3).all() and (multi["boxes"][:, 3] <= 60 + 1e-3).all()
     # each scale alone, on the RoIs routed to it: the pyramid keeps the best of their union (NMS),
     # each of its detections one of theirs
-    del model.roi_head.predict
-    stored_boxes = model.proposals(images[:1], ["a"])[0]
+    del model.head.score
+    stored_boxes = model.proposals.source(images[:1], ["a"])[0]
     scales, union = model.test_transforms, []
     for transform, routed in zip(scales, (stored_boxes[2:], stored_boxes[:2])):
         model.test_transforms = torch.nn.ModuleList([transform])
-        model.proposals = FixedProposals(boxes_by_id={"a": routed.numpy()})
+        model.proposals.source = FixedProposals(boxes_by_id={"a": routed.numpy()})
         union.append(model.predict(images[:1], image_ids=["a"])[0])
     def rows(det):
         return [tuple(b.tolist() + [s.item(), c.item()]) for b, s, c in zip(det["boxes"], det["scores"], det["labels"])]
@@ -158,7 +157,7 @@ def test_every_config_builds_and_takes_a_step(path, tmp_path):
     # an untrained box regressor (deltas ~0; R-CNN's is not fitted yet) leaves each detection on its proposal
     proposals = {"a": np.array([[10, 10, 50, 40], [0, 0, 30, 30]], np.float32),
                  "b": np.array([[20, 5, 60, 45]], np.float32)}
-    model.proposals = FixedProposals(boxes_by_id=proposals)
+    model.proposals.source = FixedProposals(boxes_by_id=proposals)
     dets = model.predict(images, image_ids=["a", "b"])
     for det, image_id in zip(dets, ("a", "b")):
         assert len(det["boxes"]) > 0 and ((det["labels"] >= 0) & (det["labels"] < 2)).all()
@@ -178,7 +177,8 @@ def test_paper_values_in_the_recipes():
 
 
 def test_compress_and_ladder_tools_on_tiny_checkpoints(tmp_path, capsys):
-    from detect.checkpoint import model_from_checkpoint, save_checkpoint
+    from detect.build import model_from_checkpoint
+    from detect.checkpoint import save_checkpoint
     from detect.cli import benchmark, compress
     from detect.config import config_to_dict
     from detect.data.synthetic import SYNTHETIC_CLASSES, generate_synthetic
@@ -201,7 +201,7 @@ def test_compress_and_ladder_tools_on_tiny_checkpoints(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "fc6: 256x1568 -> rank 16" in printed and "| SVD 16/0 |" in printed
     small, cfg, _ = model_from_checkpoint(out)
-    assert cfg.fast_rcnn.svd_rank_fc6 == 16 and small.roi_head.box_head[2][0].weight.shape == (16, 1568)
+    assert cfg.fast_rcnn.svd_rank_fc6 == 16 and small.head.box_head[2][0].weight.shape == (16, 1568)
     assert compress.main(["--checkpoint", str(paths["rcnn"]), "--no-eval"]) == 2      # one-line error, exit 2
     table = tmp_path / "ladder.md"
     assert benchmark.main(["ladder", "--rcnn", str(paths["rcnn"]), "--fast", str(paths["fast"]),

@@ -1,4 +1,4 @@
-"""FasterRCNN: the public API, bad input, empty images, odd sizes, training stages, flipping, overfitting."""
+"""Faster R-CNN (Detector with an RPN): the public API, bad input, empty images, odd sizes, training stages, flipping, overfitting."""
 
 import math
 import time
@@ -10,9 +10,10 @@ import torch
 
 from detect import build_model, load_config
 from detect.errors import ConfigError, DatasetError
-from detect.faster_rcnn import ALTERNATING_STEPS, apply_alternating_step, apply_joint_training, parameter_groups
+from detect.alternating import ALTERNATING_STEPS, apply_alternating_step, apply_joint_training, parameter_groups
 from detect.transforms import DetectionTransform, hflip
 from detect.utils.modes import eval_mode
+from tests.head_helpers import head_detections
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "faster_rcnn" / "tiny_synthetic.yaml"
 LOSS_NAMES = {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box"}
@@ -44,18 +45,18 @@ def test_loss_names_values_and_gradients(model):
     assert losses["loss_cls"].item() == pytest.approx(math.log(4.0), abs=0.1)     # untrained: ~uniform over C+1
     model.zero_grad()
     sum(losses.values()).backward()
-    assert model.rpn.head.cls_logits.weight.grad.abs().sum() > 0
-    assert model.roi_head.predictor.bbox_pred.weight.grad.abs().sum() > 0
+    assert model.proposals.head.cls_logits.weight.grad.abs().sum() > 0
+    assert model.head.predictor.bbox_pred.weight.grad.abs().sum() > 0
     assert model.backbone.trunk[0][0].weight.grad.abs().sum() > 0
 
 
 @pytest.fixture
 def accept_all(model):
     """An untrained model scores everything alike: accept every detection so there are boxes to compare."""
-    old = model.roi_head.score_thresh
-    model.roi_head.score_thresh = 0.0
+    old = model.head.score_thresh
+    model.head.score_thresh = 0.0
     yield model
-    model.roi_head.score_thresh = old
+    model.head.score_thresh = old
 
 
 def test_predict_returns_boxes_in_input_pixels(accept_all):
@@ -88,8 +89,8 @@ def test_boxes_scale_back_to_the_input_image(accept_all):
         net, _ = model.transform([image])
         assert net.image_sizes == [(128, 177)]
         features = model.backbone(net.tensor)
-        proposals, _ = model.rpn.predict(features, net.image_sizes)
-        internal = model.roi_head.predict(features, proposals, net.image_sizes)[0]
+        proposals, _ = model.proposals.predict(features, net.image_sizes)
+        internal = head_detections(model.head, features, proposals, net.image_sizes)[0]
     det = model.predict([image])[0]
     assert len(det["boxes"]) > 0 and torch.equal(det["scores"], internal["scores"])
     expected = internal["boxes"] * torch.tensor([125 / 177, 90 / 128, 125 / 177, 90 / 128])
@@ -113,11 +114,11 @@ def test_tiny_and_elongated_images_work(model):
     losses = model.loss(images, targets)
     assert all(math.isfinite(v.item()) for v in losses.values())
     # Catches boxes of extreme sizes left in the network's pixels (9 x 7 is enlarged ~18x, 12 x 600 shrunk)
-    model.roi_head.score_thresh, old = 0.0, model.roi_head.score_thresh
+    model.head.score_thresh, old = 0.0, model.head.score_thresh
     try:
         dets = model.predict(images)
     finally:
-        model.roi_head.score_thresh = old
+        model.head.score_thresh = old
     assert len(dets) == 2
     for det, image in zip(dets, images):
         boxes, (height, width) = det["boxes"], image.shape[1:]
@@ -130,7 +131,9 @@ def test_bad_input_is_named(model):
     with pytest.raises(ValueError, match=r"images\[1\].*\(3, H, W\)"):
         model.predict([images[0], torch.rand(1, 50, 50)])
     with pytest.raises(ValueError, match=r"images\[0\].*dtype"):
-        model.predict([(images[0] * 255).to(torch.uint8)])
+        model.loss([(images[0] * 255).to(torch.uint8)], targets[:1])     # training takes float images only
+    with pytest.raises(ValueError, match=r"images\[0\]: expected a tensor, got dict"):
+        model.predict([{"not": "an image"}])
     with pytest.raises(ValueError, match=r"targets\[1\]\['labels'\].*label 3"):
         model.loss(images, [targets[0], {"boxes": targets[1]["boxes"], "labels": torch.tensor([3])}])
     with pytest.raises(DatasetError, match=r"targets\[0\]\['boxes'\].*#1.*no area"):
@@ -168,7 +171,7 @@ def test_training_stages_and_alternating_steps(model):
             for name, params in groups.items():
                 assert all(p.requires_grad == (name in spec.trains) for p in params)
         assert [s.stage for s in ALTERNATING_STEPS] == ["rpn", "head", "rpn", "head"]
-        assert ALTERNATING_STEPS[2].trains == ("rpn",) and ALTERNATING_STEPS[3].trains == ("roi_head",)
+        assert ALTERNATING_STEPS[2].trains == ("rpn",) and ALTERNATING_STEPS[3].trains == ("head",)
     finally:
         apply_joint_training(model)
     assert all(p.requires_grad for p in model.parameters())
@@ -267,7 +270,7 @@ def test_prepare_for_inference_keeps_detections(backbone):
     after = model.predict(images)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     # An fc head's 1x1 convolutions read the pooled features as they are; ResNet's res5 head goes channels-last.
-    head_convs = [m for m in model.roi_head.modules() if isinstance(m, torch.nn.Conv2d)]
+    head_convs = [m for m in model.head.modules() if isinstance(m, torch.nn.Conv2d)]
     assert head_convs
     spatial = [m for m in head_convs if m.kernel_size != (1, 1)]    # 1x1 weights look the same in both layouts
     assert all(m.weight.is_contiguous(memory_format=torch.channels_last) and not m.weight.is_contiguous()

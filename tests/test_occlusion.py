@@ -12,6 +12,8 @@ from torchvision.ops import RoIPool
 from detect import build_model, load_config
 from detect.analysis.occlusion import DetectorBoxScorer, PixelScorer, occlusion_map, plot_occlusion
 from detect.backbones import Backbone
+from detect.detector import Detector
+from detect.proposal_sources import ExternalProposals, FixedProposals
 from detect.boxes import BoxCoder
 from detect.matching import BalancedSampler, Matcher
 from detect.roi_heads import FastRCNNPredictor, RoIHead
@@ -24,30 +26,31 @@ BOX_A = (32, 48, 80, 96)       # x1, y1, x2, y2 of the explained red square
 BOX_B = (160, 96, 208, 144)    # another red square, elsewhere
 
 
-class HandBuiltDetector(nn.Module):
+class HandBuiltDetector(Detector):
     """Backbone + RoI head whose class-0 probability is sigmoid(10 * redness under the box - 7.5).
 
     Redness of a 16x16 cell: mean of R - (G + B) / 2, so 1 on pure red and 0 on grey.
     """
 
     def __init__(self, height: int) -> None:
-        super().__init__()
         conv = nn.Conv2d(3, 1, 16, stride=16)
         with torch.no_grad():
             conv.weight.copy_(torch.tensor([1.0, -0.5, -0.5]).view(1, 3, 1, 1).expand(1, 3, 16, 16) / 256)
             conv.bias.zero_()
-        self.transform = DetectionTransform(min_size=(height,), max_size=4000, test_min_size=height,
-                                            pixel_mean=(0, 0, 0), pixel_std=(1, 1, 1), size_divisibility=16)
-        self.backbone = Backbone(name="hand", stages=[nn.Sequential(conv, nn.ReLU())], stride=16, out_channels=1,
+        transform = DetectionTransform(min_size=(height,), max_size=4000, test_min_size=height,
+                                       pixel_mean=(0, 0, 0), pixel_std=(1, 1, 1), size_divisibility=16)
+        backbone = Backbone(name="hand", stages=[nn.Sequential(conv, nn.ReLU())], stride=16, out_channels=1,
                                  head_channels=4, roi_size=2, pixel_mean=(0, 0, 0), pixel_std=(1, 1, 1))
         predictor = FastRCNNPredictor(in_channels=4, num_classes=1)
         with torch.no_grad():
             predictor.cls_score.weight.copy_(torch.tensor([[0.0] * 4, [2.5] * 4]))   # 10 * mean of 4 cells
             predictor.cls_score.bias.copy_(torch.tensor([7.5, 0.0]))
-        self.roi_head = RoIHead(pooler=RoIPool((2, 2), spatial_scale=1 / 16), box_head=nn.Flatten(),
-                                predictor=predictor, matcher=Matcher(fg_iou_thresh=0.5, bg_iou_thresh_hi=0.5),
-                                sampler=BalancedSampler(batch_size_per_image=8, positive_fraction=0.25),
-                                box_coder=BoxCoder(weights=(10, 10, 5, 5)))
+        head = RoIHead(pooler=RoIPool((2, 2), spatial_scale=1 / 16), box_head=nn.Flatten(),
+                       predictor=predictor, matcher=Matcher(fg_iou_thresh=0.5, bg_iou_thresh_hi=0.5),
+                       sampler=BalancedSampler(batch_size_per_image=8, positive_fraction=0.25),
+                       box_coder=BoxCoder(weights=(10, 10, 5, 5)))
+        super().__init__(transform=transform, backbone=backbone, head=head, class_names=["red"],
+                         proposals=ExternalProposals(source=FixedProposals()))
 
 
 def _scene(height: int = 160, width: int = 240) -> torch.Tensor:
@@ -99,6 +102,24 @@ def test_crop_gives_the_whole_image_scores_on_a_real_trunk():
                           [368, 118, 400, 150], [120, 60, 152, 92], [260, 60, 292, 92]])
     assert torch.allclose(cropped.score(rects), full.score(rects), atol=1e-5)
     assert cropped.touches(rects)[:3].all() and not cropped.touches(rects)[3:5].any()
+
+
+def test_occlusion_works_for_rcnn_through_the_warp_head():
+    # R-CNN scores a box by warping it out of each occluded image: occluders far from the box (beyond
+    # its 16 px context) leave its score alone, one over the box changes it.
+    torch.manual_seed(0)
+    cfg = load_config(CONFIG.parents[1] / "rcnn" / "tiny_synthetic.yaml",
+                      ["rcnn.crop_size=32", "rcnn.context_padding=2", "rcnn.proposal_source=selective_search"])
+    model = build_model(cfg, class_names=["a", "b", "c"]).eval()
+    image = torch.rand(3, 120, 160)
+    box = [40.0, 30.0, 90.0, 80.0]
+    scorer = DetectorBoxScorer(model, image, box, 2)
+    (scores, _), = model.score_boxes([image], [torch.tensor([box])])
+    assert scorer.baseline() == pytest.approx(float(scores[0, 2]), abs=1e-6)
+    rects = torch.tensor([[40, 30, 90, 80], [130, 0, 160, 20], [0, 100, 20, 120]])
+    got = scorer.score(rects)
+    assert abs(float(got[0]) - scorer.baseline()) > 1e-3
+    assert torch.allclose(got[1:], torch.full((2,), scorer.baseline()), atol=1e-6)
 
 
 def test_pixel_scorer_positions_reach_the_border_and_heat_covers_the_image(tmp_path, monkeypatch):

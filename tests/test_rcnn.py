@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from detect import load_config
+from detect import build_model, load_config
 from detect.errors import DetectError
 from detect.bbox_regression import BoxRegressionHead, fit_box_regressors, regression_targets
 from detect.proposal_sources import GroundTruthProposals
-from detect.rcnn import build_rcnn, context_boxes, warp_regions
+from detect.rcnn import context_boxes, warp_regions
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "rcnn" / "tiny_synthetic.yaml"
 
@@ -74,7 +74,7 @@ def model():
     torch.manual_seed(0)
     cfg = load_config(TINY, overrides=["rcnn.proposal_source=ground_truth", "rcnn.crop_size=32",
                                        "rcnn.context_padding=2"])
-    return build_rcnn(cfg, class_names=["a", "b", "c"])
+    return build_model(cfg, class_names=["a", "b", "c"])
 
 
 def test_finetuning_loss_and_gradients(model):
@@ -85,22 +85,22 @@ def test_finetuning_loss_and_gradients(model):
     loss = model.loss(images, targets)
     assert set(loss) == {"loss_cls"} and loss["loss_cls"].item() == pytest.approx(math.log(4), abs=0.2)
     loss["loss_cls"].backward()
-    assert model.classifier.weight.grad.abs().sum() > 0 and model.backbone.trunk[0][0].weight.grad.abs().sum() > 0
+    assert model.head.classifier.weight.grad.abs().sum() > 0 and model.backbone.trunk[0][0].weight.grad.abs().sum() > 0
 
 
 def test_predict_with_softmax_then_svms(model):
-    model.proposals = GroundTruthProposals(boxes_by_id={"x": np.array([[5.0, 5.0, 40.0, 40.0], [0, 0, 20, 20]])})
+    model.proposals.source = GroundTruthProposals(boxes_by_id={"x": np.array([[5.0, 5.0, 40.0, 40.0], [0, 0, 20, 20]])})
     image = torch.rand(3, 60, 80)
     timings = {}
     det = model.predict([image], image_ids=["x"], timings=timings)[0]
-    assert set(timings) == {"proposals", "features", "heads"}
+    assert set(timings) == {"features", "proposals", "head", "postprocess"}
     assert det["boxes"].shape[1] == 4 and det["labels"].dtype == torch.int64
-    # softmax scores above R-CNN's 0.05, boxes the proposals themselves (no regressor fitted yet)
+    # softmax scores above rcnn.finetune_score_thresh (0.05), boxes the proposals themselves (no regressor fitted yet)
     assert len(det["boxes"]) > 0 and (det["scores"] > 0.05).all() and (det["labels"] < 3).all()
     assert {tuple(b) for b in det["boxes"].tolist()} <= {(5.0, 5.0, 40.0, 40.0), (0.0, 0.0, 20.0, 20.0)}
     # with SVMs: class 1 scores everything 1.0, the others are zero detectors
-    model.svm.fitted[1] = True
-    model.svm.bias[1] = 1.0
+    model.head.svm.fitted[1] = True
+    model.head.svm.bias[1] = 1.0
     det = model.predict([image], image_ids=["x"])[0]
     assert det["labels"].tolist() == [1, 1] and torch.allclose(det["scores"], torch.ones(2))
     with pytest.raises(DetectError, match="GroundTruthProposals: no boxes for image 'nope'"):

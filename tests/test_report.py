@@ -202,7 +202,7 @@ def _first_image(run_dir: Path) -> Path:
 
 
 def _image_with_a_detection(run_dir: Path) -> Path:
-    from detect.checkpoint import model_from_checkpoint
+    from detect.build import model_from_checkpoint
     from detect.data.image import read_image
     from detect.data.loader import image_to_tensor
 
@@ -224,7 +224,7 @@ def test_explain_occlusion_box_and_deconvnet(run_dir, tmp_path, capsys):
     from detect.analysis.deconvnet import resize_like_model
     from detect.analysis.occlusion import DetectorBoxScorer, occlusion_map
     from detect.analysis.trunk import flatten_trunk, resolve_layer
-    from detect.checkpoint import model_from_checkpoint
+    from detect.build import model_from_checkpoint
     from detect.data.image import read_image
     from detect.data.loader import image_to_tensor
 
@@ -338,12 +338,12 @@ def test_report_from_detections_alone_with_a_proposal_store(voc_tree, tmp_path):
 
 
 def test_models_without_a_whole_image_pipeline_get_notes_not_crashes(voc_tree, tmp_path):
-    """R-CNN warps each region: no occlusion scorer or deconvnet input pipeline, so the report says so."""
+    """A model without the Detector's hooks (score_boxes, an input transform): notes instead of the sections."""
     from torch import nn
 
     from detect.analysis.report import ReportOptions, build_report
 
-    class WarpingDetector(nn.Module):   # like detect.rcnn.RCNN: no transform / roi_head attributes
+    class WarpingDetector(nn.Module):   # a predict-only model, not a Detector
         pass
 
     _, records, names = voc_tree
@@ -353,5 +353,5 @@ def test_models_without_a_whole_image_pipeline_get_notes_not_crashes(voc_tree, t
     index = build_report(WarpingDetector(), records, names, detections, tmp_path / "report", options=options,
                          log=lambda m: None)
     page = index.read_text(encoding="utf-8")
-    assert "no backbone + RoI head to score a fixed box" in page
-    assert "no whole-image input pipeline" in page
+    assert "no score_boxes hook to score a fixed box" in page
+    assert "no input transform and trunk to project through" in page

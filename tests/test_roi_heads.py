@@ -10,6 +10,7 @@ from torchvision.ops import RoIPool
 from detect.boxes import BoxCoder
 from detect.matching import BalancedSampler, Matcher
 from detect.roi_heads import FastRCNNPredictor, RoIHead, fast_rcnn_loss
+from tests.head_helpers import head_detections, head_loss
 
 
 def make_head(num_classes=3, batch=128, fraction=0.25, channels=4, size=2, **kw) -> RoIHead:
@@ -67,8 +68,8 @@ def test_ground_truth_joins_the_proposals_and_empty_images_are_all_background():
     rois, labels, targets = head.sample_proposals([torch.tensor([[0.0, 0.0, 8.0, 8.0], [5.0, 5.0, 9.0, 9.0]])],
                                                   [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}])
     assert labels.tolist() == [0, 0] and (targets == 0).all()
-    losses = head.loss(torch.rand(1, 4, 16, 16), rois, [{"boxes": torch.zeros(0, 4),
-                                                         "labels": torch.zeros(0, dtype=torch.long)}])
+    losses = head_loss(head, torch.rand(1, 4, 16, 16), rois, [{"boxes": torch.zeros(0, 4),
+                                                               "labels": torch.zeros(0, dtype=torch.long)}])
     assert losses["loss_box"].item() == 0 and math.isfinite(losses["loss_cls"].item())
 
 
@@ -81,11 +82,11 @@ def test_predict_decodes_clips_thresholds_and_suppresses():
         head.predictor.bbox_pred.bias.zero_()
     proposals = [torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 0.0, 11.0, 10.0], [20.0, 20.0, 40.0, 40.0]]),
                  torch.tensor([[5.0, 5.0, 60.0, 60.0]])]
-    dets = head.predict(torch.rand(2, 4, 64, 64), proposals, [(64, 64), (30, 50)])
+    dets = head_detections(head, torch.rand(2, 4, 64, 64), proposals, [(64, 64), (30, 50)])
     assert dets[0]["labels"].tolist() == [0, 0]                # background never returned, labels 0-based
     assert dets[0]["boxes"].tolist() == [[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 40.0, 40.0]]   # NMS drops the twin
     assert dets[1]["boxes"].tolist() == [[5.0, 5.0, 50.0, 30.0]]                            # clipped to 50 x 30
     probs = torch.softmax(torch.tensor([0.0, 3.0, 0.0]), 0)
     assert dets[1]["scores"].tolist() == pytest.approx([probs[1].item()])
     head.detections_per_img = 1
-    assert len(head.predict(torch.rand(2, 4, 64, 64), proposals, [(64, 64), (30, 50)])[0]["boxes"]) == 1
+    assert len(head_detections(head, torch.rand(2, 4, 64, 64), proposals, [(64, 64), (30, 50)])[0]["boxes"]) == 1

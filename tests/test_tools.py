@@ -66,7 +66,7 @@ class _PixelOracle:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from detect.faster_rcnn import FasterRCNN
+    from detect.detector import Detector
 
     if not CONFIG.is_file():
         pytest.skip("configs/faster_rcnn/tiny_synthetic.yaml not present")
@@ -75,7 +75,7 @@ def run_dir(tmp_path_factory):
     oracle = _PixelOracle(base / "synth")
     # The detector trains as usual; only the predictions of its final evaluation are the oracle's.
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(FasterRCNN, "predict", lambda self, images, timings=None: oracle(images, timings))
+        patch.setattr(Detector, "predict", lambda self, images, image_ids=None, timings=None: oracle(images, timings))
         code = train.main(["--config", str(CONFIG), "--out", str(out), "--no-progress", *_overrides(base / "synth")])
     assert code == 0
     return out
@@ -105,12 +105,12 @@ def test_train_scores_the_final_model_with_the_configs_metric(run_dir, tmp_path,
     """test.metric=coco: the train tool logs and prints the COCO mAP, not VOC07 (catches a hard-coded metric)."""
     from detect.data.voc import VOCDataset
     from detect.evaluation import evaluate
-    from detect.faster_rcnn import FasterRCNN
+    from detect.detector import Detector
 
     synth = run_dir.parent / "synth"
     oracle = _PixelOracle(synth)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(FasterRCNN, "predict", lambda self, images, timings=None: oracle(images, timings))
+        patch.setattr(Detector, "predict", lambda self, images, image_ids=None, timings=None: oracle(images, timings))
         code = train.main(["--config", str(CONFIG), "--out", str(tmp_path / "coco"), "--no-progress",
                            *_overrides(synth), "--set", "train.max_iter=1", "--set", "test.metric=coco"])
     assert code == 0
@@ -144,11 +144,11 @@ def test_test_tool_writes_results_metrics_and_speed(run_dir, tmp_path, capsys):
     assert test_cli.main(["--checkpoint", str(run_dir / "model_final.pt"), "--metric", "all", "--out", str(out),
                           "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "mAP" in printed and "images/s" in printed and "backbone" in printed
+    assert "mAP" in printed and "images/s" in printed and "features" in printed
     report = json.loads((out / "metrics.json").read_text())
     assert set(report["metrics"]) == {"voc07", "voc10", "coco"}
     assert report["speed"]["images"] == report["images"] and report["speed"]["images_per_s"] > 0
-    assert set(report["speed"]["stage_seconds_per_image"]) >= {"backbone", "rpn", "roi_heads"}
+    assert set(report["speed"]["stage_seconds_per_image"]) >= {"features", "proposals", "head", "postprocess"}
     assert len(list(out.glob("comp4_det_test_*.txt"))) == 5
     # one COCO result per VOC results line: the same detections in both formats
     lines = [line for path in out.glob("comp4_det_test_*.txt") for line in path.read_text().splitlines()]
@@ -166,7 +166,7 @@ class _Oracle(torch.nn.Module):
         self.records = iter(records)
         self.rng = np.random.default_rng(0)
 
-    def predict(self, images, timings=None):
+    def predict(self, images, *, image_ids=None, timings=None):
         out = []
         for _ in images:
             record = next(self.records)
@@ -182,7 +182,7 @@ class _Oracle(torch.nn.Module):
 
 
 def test_test_tool_metrics_equal_eval_tool_on_its_files(run_dir, tmp_path, monkeypatch, capsys):
-    from detect import checkpoint
+    from detect import build as checkpoint   # where model_from_checkpoint lives
     from detect.data.voc import VOCDataset
 
     root = run_dir.parent / "synth"
@@ -288,8 +288,8 @@ def test_alternating_training_freezes_what_each_step_says_and_resumes(tmp_path, 
         return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
 
     assert same(group(2, "backbone."), group(3, "backbone.")) and same(group(3, "backbone."), group(4, "backbone."))
-    assert same(group(3, "rpn."), group(4, "rpn.")) and not same(group(1, "rpn."), group(3, "rpn."))
-    assert not same(group(3, "roi_head."), group(4, "roi_head.")) and same(group(2, "roi_head."), group(3, "roi_head."))
+    assert same(group(3, "proposals."), group(4, "proposals.")) and not same(group(1, "proposals."), group(3, "proposals."))
+    assert not same(group(3, "head."), group(4, "head.")) and same(group(2, "head."), group(3, "head."))
     final = load_checkpoint(out / "model_final.pt")
     assert final["iteration"] == 16 and all(torch.equal(final["model"][n], weights[4][n]) for n in weights[4])
 
@@ -323,6 +323,6 @@ def test_torchrun_two_cpu_processes(tmp_path):
 
 
 def test_speed_report_per_image_and_uncovered_time():
-    report = test_cli.speed_report({"backbone": 1.0, "rpn": 0.5, "total": 2.0, "images": 4})
+    report = test_cli.speed_report({"features": 1.0, "proposals": 0.5, "total": 2.0, "images": 4})
     assert report["images_per_s"] == 2.0 and report["seconds_per_image"] == 0.5
-    assert report["stage_seconds_per_image"] == {"backbone": 0.25, "rpn": 0.125, "other": 0.125}
+    assert report["stage_seconds_per_image"] == {"features": 0.25, "proposals": 0.125, "other": 0.125}

@@ -18,6 +18,7 @@ from detect.anchors import AnchorGenerator
 from detect.boxes import BoxCoder
 from detect.matching import BalancedSampler, Matcher
 from detect.roi_heads import FastRCNNPredictor, RoIHead
+from tests.head_helpers import head_detections, head_loss
 from detect.rpn import RegionProposalNetwork, RPNHead
 
 SIZES = [(70, 90), (64, 64)]
@@ -137,7 +138,7 @@ def test_roi_head_detections_match_torchvision(features):
     theirs.eval()
     with torch.no_grad():
         tv = theirs({"0": features}, proposals(), SIZES)[0]
-        mine = ours.predict(features, proposals(), SIZES)
+        mine = head_detections(ours, features, proposals(), SIZES)
     for a, b in zip(mine, tv):
         assert a["boxes"].shape[0] > 3
         assert torch.allclose(a["boxes"], b["boxes"], atol=1e-4)
@@ -151,7 +152,7 @@ def test_roi_head_losses_match_torchvision(features):
     labels = [torch.tensor([0, 2]), torch.tensor([1])]
     _, tv_losses = theirs({"0": features}, proposals(), SIZES,
                           [{"boxes": b, "labels": l + 1} for b, l in zip(targets(), labels)])
-    mine = ours.loss(features, proposals(), [{"boxes": b, "labels": l} for b, l in zip(targets(), labels)], SIZES)
+    mine = head_loss(ours, features, proposals(), [{"boxes": b, "labels": l} for b, l in zip(targets(), labels)], SIZES)
     assert mine["loss_cls"].item() == pytest.approx(tv_losses["loss_classifier"].item(), rel=1e-5)
     assert mine["loss_box"].item() == pytest.approx(tv_losses["loss_box_reg"].item(), rel=1e-5)
     assert mine["loss_box"].item() > 0

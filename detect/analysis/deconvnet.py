@@ -204,7 +204,9 @@ def resize_like_model(model, image: Tensor) -> Tensor:
 
     The deconvnet then sees the trunk's input at the scale the detector uses.
     """
-    transform = model.transform
+    transform = model.transform_for_test
+    if not transform.resize:      # R-CNN: the trunk sees regions of the image as given
+        return image
     height, width = image.shape[-2:]
     scale = min(transform.test_min_size / min(height, width), transform.max_size / max(height, width))
     if scale == 1.0:

@@ -23,7 +23,6 @@ boat and car). Other datasets have none unless given.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -294,10 +293,3 @@ def plot_error_shares(diagnosis: Diagnosis, path: str | Path) -> Path:
         fig.savefig(handle, format="png", dpi=80)
     plt.close(fig)
     return path
-
-
-def write_json(diagnosis: Diagnosis, path: str | Path) -> None:
-    from detect.runlog import json_safe
-    from detect.utils.io import atomic_write_text
-
-    atomic_write_text(path, json.dumps(json_safe(diagnosis.to_json()), indent=2) + "\n")

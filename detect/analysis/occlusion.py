@@ -29,7 +29,6 @@ from typing import Callable, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from detect.analysis.trunk import UnsupportedTrunkError, flatten_trunk, geometry
@@ -76,20 +75,21 @@ class PixelScorer:
 
 
 class DetectorBoxScorer:
-    """Class probability of a fixed box from a two-stage detector's backbone + RoI head (no RPN).
+    """Class score of a fixed box from a :class:`detect.detector.Detector`'s head (no proposals needed).
 
-    Works with any model that has ``transform`` (:class:`detect.transforms.DetectionTransform`),
-    ``backbone`` (with ``trunk`` and ``stride``) and ``roi_head`` (:class:`detect.roi_heads.RoIHead`)
-    submodules, as :class:`detect.faster_rcnn.FasterRCNN` has.
+    The occluded copies go through :meth:`~detect.detector.Detector.score_boxes` (already transformed,
+    so the crop below applies), for all three pipelines: for R-CNN the box is warped out of each
+    occluded image and scored by the fine-tuned softmax or the SVMs.
 
     Args:
         model: the detector (used in eval mode, not modified).
         image: (3, H, W) RGB in [0, 1].
         box: (4,) xyxy in the image's pixels.
-        label: 0-based class whose softmax probability is the score.
+        label: 0-based class whose score (softmax probability; SVM score for a trained R-CNN) is the score.
         fill: occluder RGB in [0, 1]; None uses the pixel mean the backbone normalises with (the
             "grey" of the paper: zero after normalisation).
-        crop: score a receptive-field crop around the box instead of the whole image.
+        crop: score a receptive-field crop around the box instead of the whole image (heads on the
+            feature map only: R-CNN's warp sees the box's own pixels and context, so it gets the whole image).
     """
 
     def __init__(self, model, image: Tensor, box: Tensor | list[float], label: int, *,
@@ -99,7 +99,7 @@ class DetectorBoxScorer:
         self.height, self.width = image.shape[-2:]
         param = next(model.parameters())
         image = image.to(param.device, param.dtype)
-        transform = model.transform
+        transform = model.transform_for_test
         with torch.no_grad():
             batch, _ = transform([image])
         (h, w), (oh, ow) = batch.image_sizes[0], batch.original_sizes[0]
@@ -108,7 +108,7 @@ class DetectorBoxScorer:
         self.box_net = transform.boxes_to_network(box, (h, w), (oh, ow))
         tensor = batch.tensor
         x0, y0, x1, y1 = 0, 0, tensor.shape[-1], tensor.shape[-2]
-        if crop:
+        if crop and model.head.uses_feature_map:
             window = _crop_window(model.backbone, self.box_net[0].tolist(), tensor.shape[-2:])
             if window is not None:
                 x0, y0, x1, y1 = window
@@ -122,14 +122,8 @@ class DetectorBoxScorer:
 
     @torch.no_grad()
     def _probabilities(self, batch: Tensor) -> Tensor:
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            features = self.model.backbone(batch)
-            logits, _ = self.model.roi_head(features, [self.rois] * len(batch))
-            return F.softmax(logits.float(), dim=-1)[:, self.label + 1].cpu()
-        finally:
-            self.model.train(was_training)
+        scored = self.model.score_boxes(batch, [self.rois] * len(batch), transformed=True)
+        return torch.cat([scores[:, self.label] for scores, _ in scored]).float().cpu()
 
     def baseline(self) -> float:
         if self._baseline is None:

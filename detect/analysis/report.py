@@ -209,8 +209,8 @@ class _Builder:
         from detect.analysis.occlusion import DetectorBoxScorer, occlusion_map, plot_occlusion
 
         self.page.section("Occlusion sensitivity")
-        if not all(hasattr(self.model, m) for m in ("transform", "backbone", "roi_head")):
-            self.page.text("not available: the model has no backbone + RoI head to score a fixed box", note=True)
+        if not hasattr(self.model, "score_boxes"):
+            self.page.text("not available: the model has no score_boxes hook to score a fixed box", note=True)
             return
         best = []
         for i, record in enumerate(self.records):
@@ -247,8 +247,8 @@ class _Builder:
         from detect.analysis.trunk import UnsupportedTrunkError
 
         self.page.section("Deconvnet")
-        if not hasattr(self.model, "transform"):   # R-CNN warps crops: no whole-image input pipeline to project through
-            self.page.text("not available: the model has no whole-image input pipeline (R-CNN warps each region)", note=True)
+        if not hasattr(self.model, "transform_for_test"):   # not a Detector: no input pipeline to project through
+            self.page.text("not available: the model has no input transform and trunk to project through", note=True)
             return
         try:
             net = DeconvNet.from_backbone(self.model.backbone)
@@ -291,7 +291,7 @@ def build_report(model, records: list[ImageRecord], class_names: list[str], dete
     """Write ``out_dir/index.html`` (and the images it shows, and ``analysis.json``).
 
     Args:
-        model: the detector (``predict`` API; occlusion needs ``transform``/``backbone``/``roi_head``,
+        model: the detector (``predict`` API; occlusion needs :meth:`~detect.detector.Detector.score_boxes`,
             the deconvnet a plain conv trunk at ``model.backbone.trunk``).
         records: ground truth of the split.
         detections: image_id -> {"boxes", "scores", "labels"} of ``model`` on the split.

@@ -64,8 +64,8 @@ def run(args: argparse.Namespace) -> Path:
     """Predict on the split and write the report; returns the path of ``index.html``."""
     from detect.analysis.error_analysis import parse_similar_groups
     from detect.analysis.report import ReportOptions, build_report
-    from detect.checkpoint import model_from_checkpoint
-    from detect.cli.train import prepare_out_dir
+    from detect.build import model_from_checkpoint
+    from detect.recipes import prepare_out_dir
     from detect.data.loader import DetectionDataset, build_dataset, eval_loader
     from detect.distributed import resolve_device
     from detect.engine import evaluate

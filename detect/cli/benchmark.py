@@ -94,7 +94,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _models_from_checkpoints(args, device) -> tuple[dict, bool]:
-    from detect.checkpoint import model_from_checkpoint
+    from detect.build import model_from_checkpoint
 
     models = {}
     for key in PIPELINE_OF:
@@ -142,7 +142,7 @@ def _models_from_configs(args, device, dataset_for) -> tuple[dict, bool]:
 @torch.no_grad()
 def _random_rcnn_heads(model) -> None:
     """Random linear SVMs and box regressors, so an untrained R-CNN times the paper's test path (Sec. 2.2)."""
-    for head in (model.svm, model.box_regressor):
+    for head in (model.head.svm, model.head.box_regressor):
         head.weight.normal_(0.0, 1e-3)
         head.fitted.fill_(True)
 
@@ -243,7 +243,7 @@ def _compressed(models: dict, ranks: list[int], trained: bool) -> tuple:
     model, cfg, names = models["fast"]
     small = copy.deepcopy(model)
     try:
-        for line in compress_fc(small.roi_head.box_head, ranks, structure_only=not trained):
+        for line in compress_fc(small.head.box_head, ranks, structure_only=not trained):
             print(f"svd: {line}", file=sys.stderr)
     except ValueError as exc:
         raise ConfigError(f"--svd {','.join(map(str, ranks))}: {exc}") from None

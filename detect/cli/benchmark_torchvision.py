@@ -101,6 +101,45 @@ def build_pair(setting: str, num_classes: int, extra: list[str] = (), size: int 
     return ours, torchvision_twin(ours, cfg), cfg
 
 
+def train_and_test_pair(setting: str, root: Path, args, seed: int = 0) -> dict:
+    """Train ours and the twin from the same initial weights on the same batches; VOC07 mAP on the test split.
+
+    Both run the engine's loop (:func:`detect.engine.fit`: SGD, warm-up, schedule, same
+    seeded batch order and flips), so only the detectors differ. ``seed`` sets the
+    initial weights and the training seed (batch order, flips, sampling).
+    """
+    import torch
+
+    from detect.cli.torchvision_twin import TorchvisionAdapter
+    from detect.data.loader import build_dataset
+    from detect.engine import evaluate_split, fit
+
+    data = ["data.format=voc", f"data.root={root}", "data.classes=auto", "data.train_split=trainval",
+            "data.test_split=test", "train.eval_period=0", f"train.max_iter={args.max_iter}",
+            f"train.steps=[{int(args.max_iter * 0.75)}]", "train.checkpoint_period=0", "train.workers=0",
+            f"train.seed={seed}", *args.overrides]
+    from detect import load_config
+
+    probe = load_config(SETTINGS[setting]["config"], data)
+    train_set = build_dataset(probe, "trainval", train=True)
+    test_set = build_dataset(probe, "test")
+    names = train_set.class_names
+    result = {"iterations": args.max_iter, "seed": seed}
+    ours, theirs, cfg = build_pair(setting, len(names), data, args.size, seed=seed)
+    twin = TorchvisionAdapter(theirs, names)
+    device = torch.device(args.device)
+    for key, model in (("ours", ours), ("torchvision", twin)):
+        start = time.perf_counter()
+        with_dir = Path(args.out).with_suffix("") / f"{root.name}_{key}_seed{seed}"
+        fit(model, train_set, cfg, out_dir=with_dir, device=device, progress=False, log=lambda *_: None)
+        result[f"{key}_minutes"] = (time.perf_counter() - start) / 60
+        metrics, _ = evaluate_split(model, test_set, device=device, metric="voc07", log=lambda *_: None)
+        result[key] = metrics["mAP"]
+        print(f"  {setting} on {root.name} (seed {seed}): {key} VOC07 mAP {metrics['mAP']:.4f} "
+              f"({result[f'{key}_minutes']:.1f} min)", flush=True)
+    return result
+
+
 def _images(root: Path, count: int):
     from detect.data.loader import image_to_tensor
     from detect.data.image import read_image
@@ -227,7 +266,6 @@ def speed(args: argparse.Namespace, setting: str, root: Path) -> list[list[str]]
 
 
 def accuracy(args: argparse.Namespace, setting: str) -> list[list[str]]:
-    from detect.cli.torchvision_twin import train_and_test_pair
 
     try:
         seeds = [int(x) for x in args.seeds.split(",") if x.strip()]

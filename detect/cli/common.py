@@ -7,13 +7,7 @@ import sys
 from typing import Callable
 
 from detect.errors import DetectError
-
-METRIC_NAMES = {"voc07": "VOC07", "voc10": "VOC10", "coco": "COCO"}
-
-
-def format_ap(ap: float | None) -> str:
-    """An AP for a table: four decimals, ``n/a`` for a class without ground truth (None or NaN)."""
-    return "n/a" if ap is None or ap != ap else f"{ap:.4f}"
+from detect.evaluation import METRIC_NAMES, format_ap  # noqa: F401  (the tools' tables)
 
 
 # A full disk, a file-size limit, a read-only or forbidden folder: the machine's state, not a bug, so one

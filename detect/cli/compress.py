@@ -36,21 +36,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _evaluate(model, dataset, device, limit: int) -> dict:
-    from detect.evaluation import evaluate
-    from detect.fast_rcnn import predict_split
+    from detect.engine import evaluate_split
 
     timings: dict = {}
-    detections = predict_split(model, dataset, device=device, timings=timings, limit=limit,
+    result, _ = evaluate_split(model, dataset, device=device, timings=timings, limit=limit,
                                log=lambda m: print(m, file=sys.stderr))
-    records = dataset.records[: limit] if limit > 0 else dataset.records
-    result = evaluate(records, detections, dataset.class_names, "voc07")
     images = max(timings.get("images", 0), 1)
     return {"mAP": result["mAP"], "seconds": timings.get("total", 0.0) / images,
-            "heads": timings.get("heads", 0.0) / images}
+            "heads": timings.get("head", 0.0) / images}
 
 
 def run(args: argparse.Namespace) -> dict:
-    from detect.checkpoint import model_from_checkpoint, save_checkpoint
+    from detect.build import model_from_checkpoint
+    from detect.checkpoint import save_checkpoint
     from detect.config import config_to_dict
     from detect.data.loader import build_dataset
     from detect.distributed import resolve_device
@@ -61,7 +59,7 @@ def run(args: argparse.Namespace) -> dict:
     if cfg.model.pipeline != "fast_rcnn":
         raise ConfigError(f"{ckpt['path']}: model.pipeline is '{cfg.model.pipeline}'; truncated SVD is applied "
                           "to Fast R-CNN checkpoints")
-    head = model.roi_head.box_head
+    head = model.head.box_head
     ranks = [args.rank_fc6, args.rank_fc7]
     layers = fc_layers(head)
     if any(r > 0 for r in ranks[len(layers):]):

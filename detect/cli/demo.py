@@ -54,8 +54,8 @@ def run(args: argparse.Namespace) -> dict:
     """Run the demo; returns the content of ``detections.json``."""
     from tqdm import tqdm
 
-    from detect.checkpoint import model_from_checkpoint
-    from detect.cli.train import prepare_out_dir
+    from detect.build import model_from_checkpoint
+    from detect.recipes import prepare_out_dir
     from detect.data.folder import scan_images
     from detect.data.image import read_image
     from detect.data.loader import image_to_tensor

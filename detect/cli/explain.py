@@ -104,7 +104,7 @@ def deconvnet(args, model, image) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from detect.checkpoint import model_from_checkpoint
+    from detect.build import model_from_checkpoint
     from detect.data.image import read_image
     from detect.data.loader import image_to_tensor
     from detect.distributed import resolve_device

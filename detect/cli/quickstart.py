@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from detect.cli.common import run_cli
+from detect.errors import DetectError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "faster_rcnn" / "tiny_synthetic.yaml"
 
@@ -65,7 +66,6 @@ def training_processes(requested: int, device: str, images_per_batch: int, cores
 
 def train_in_processes(train_args: list[str], processes: int, cores: int) -> None:
     """``tools/train.py`` under ``torchrun --standalone``, each process on its share of the cores."""
-    from detect.errors import DetectError
 
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, cores // processes)))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
@@ -96,7 +96,8 @@ def run(args: argparse.Namespace) -> dict:
     if processes > 1:
         train_in_processes(train_args, processes, cores)
     else:
-        train.run(train.parse_args(train_args))
+        if train.main(train_args):        # the tool printed its one-line error
+            raise DetectError("quickstart: training failed (see the error above)")
 
     print("[3/4] testing")
     checkpoint = train_dir / "model_final.pt"

@@ -54,7 +54,7 @@ def speed_report(timings: dict) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     """Evaluate as ``args`` say; returns the metrics dict written to ``metrics.json``."""
-    from detect.checkpoint import model_from_checkpoint
+    from detect.build import model_from_checkpoint
     from detect.data.loader import build_dataset
     from detect.data.loader import eval_loader
     from detect.engine import evaluate
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> dict:
     metric = args.metric or cfg.test.metric
     out = args.out or Path(ckpt["path"]).parent / f"test_{split}"
     if distributed.is_main():
-        from detect.cli.train import prepare_out_dir
+        from detect.recipes import prepare_out_dir
 
         prepare_out_dir(out, resume=True, overwrite=False)
     dataset = build_dataset(cfg, split, strict=args.strict)

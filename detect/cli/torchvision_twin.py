@@ -10,8 +10,6 @@ the same config. torchvision's RPN head has one width (its input's), so
 from __future__ import annotations
 
 import copy
-import time
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -64,12 +62,12 @@ def torchvision_twin(ours: nn.Module, cfg: Config) -> TVFasterRCNN:
                           f"set model.rpn.channels={backbone.out_channels}")
     anchors = TVAnchorGenerator(sizes=(tuple(m.anchors.sizes),), aspect_ratios=(tuple(m.anchors.ratios),))
     rpn_head = TVRPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0])
-    rpn_head.conv[0][0].load_state_dict(ours.rpn.head.conv.state_dict())
-    rpn_head.cls_logits.load_state_dict(ours.rpn.head.cls_logits.state_dict())
-    rpn_head.bbox_pred.load_state_dict(ours.rpn.head.bbox_pred.state_dict())
+    rpn_head.conv[0][0].load_state_dict(ours.proposals.head.conv.state_dict())
+    rpn_head.cls_logits.load_state_dict(ours.proposals.head.cls_logits.state_dict())
+    rpn_head.bbox_pred.load_state_dict(ours.proposals.head.bbox_pred.state_dict())
     predictor = TVPredictor(backbone.head_channels, ours.num_classes + 1)
-    predictor.load_state_dict(ours.roi_head.predictor.state_dict())
-    pooler = ours.roi_head.pooler
+    predictor.load_state_dict(ours.head.predictor.state_dict())
+    pooler = ours.head.pooler
     size = pooler.output_size[0] if isinstance(pooler.output_size, tuple) else pooler.output_size
     native = isinstance(pooler, RoIAlign) and not pooler.aligned
     r, h, i = m.rpn, m.roi_heads, m.input
@@ -83,7 +81,7 @@ def torchvision_twin(ours: nn.Module, cfg: Config) -> TVFasterRCNN:
         rpn_nms_thresh=r.nms_thresh, rpn_fg_iou_thresh=r.fg_iou_thresh, rpn_bg_iou_thresh=r.bg_iou_thresh,
         rpn_batch_size_per_image=r.batch_size_per_image, rpn_positive_fraction=r.positive_fraction,
         box_roi_pool=MultiScaleRoIAlign(["0"], size, sampling_ratio=getattr(pooler, "sampling_ratio", 2)),
-        box_head=copy.deepcopy(ours.roi_head.box_head), box_predictor=predictor,
+        box_head=copy.deepcopy(ours.head.box_head), box_predictor=predictor,
         box_score_thresh=h.score_thresh, box_nms_thresh=h.nms_thresh, box_detections_per_img=h.detections_per_img,
         box_fg_iou_thresh=h.fg_iou_thresh, box_bg_iou_thresh=h.bg_iou_thresh_hi,
         box_batch_size_per_image=h.batch_size_per_image, box_positive_fraction=h.positive_fraction,
@@ -113,42 +111,3 @@ class TorchvisionAdapter(nn.Module):
         finally:
             self.train(was_training)
         return [{"boxes": o["boxes"], "scores": o["scores"], "labels": o["labels"] - 1} for o in out]
-
-
-def train_and_test_pair(setting: str, root: Path, args, seed: int = 0) -> dict:
-    """Train ours and the twin from the same initial weights on the same batches; VOC07 mAP on the test split.
-
-    Both run the engine's loop (:func:`detect.engine.fit`: SGD, warm-up, schedule, same
-    seeded batch order and flips), so only the detectors differ. ``seed`` sets the
-    initial weights and the training seed (batch order, flips, sampling).
-    """
-    from detect.cli.benchmark_torchvision import build_pair
-    from detect.data.loader import build_dataset
-    from detect.engine import evaluate_split, fit
-
-    data = ["data.format=voc", f"data.root={root}", "data.classes=auto", "data.train_split=trainval",
-            "data.test_split=test", "train.eval_period=0", f"train.max_iter={args.max_iter}",
-            f"train.steps=[{int(args.max_iter * 0.75)}]", "train.checkpoint_period=0", "train.workers=0",
-            f"train.seed={seed}", *args.overrides]
-    from detect import load_config
-
-    from detect.cli.benchmark_torchvision import SETTINGS
-
-    probe = load_config(SETTINGS[setting]["config"], data)
-    train_set = build_dataset(probe, "trainval", train=True)
-    test_set = build_dataset(probe, "test")
-    names = train_set.class_names
-    result = {"iterations": args.max_iter, "seed": seed}
-    ours, theirs, cfg = build_pair(setting, len(names), data, args.size, seed=seed)
-    twin = TorchvisionAdapter(theirs, names)
-    device = torch.device(args.device)
-    for key, model in (("ours", ours), ("torchvision", twin)):
-        start = time.perf_counter()
-        with_dir = Path(args.out).with_suffix("") / f"{root.name}_{key}_seed{seed}"
-        fit(model, train_set, cfg, out_dir=with_dir, device=device, progress=False, log=lambda *_: None)
-        result[f"{key}_minutes"] = (time.perf_counter() - start) / 60
-        metrics, _ = evaluate_split(model, test_set, device=device, metric="voc07", log=lambda *_: None)
-        result[key] = metrics["mAP"]
-        print(f"  {setting} on {root.name} (seed {seed}): {key} VOC07 mAP {metrics['mAP']:.4f} "
-              f"({result[f'{key}_minutes']:.1f} min)", flush=True)
-    return result

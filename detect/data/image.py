@@ -32,7 +32,8 @@ DEFAULT_MAX_PIXELS = 89_478_485   # Pillow's default Image.MAX_IMAGE_PIXELS (whe
 _PIL_LIMIT_LOCK = threading.Lock()
 
 
-def _to_rgb(img: Image.Image) -> np.ndarray:
+def pil_to_rgb(img: Image.Image) -> np.ndarray:
+    """A PIL image of any mode as (H, W, 3) uint8 RGB (16-bit and float grey rescaled, alpha over black)."""
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(img, dtype=np.float64)
@@ -115,7 +116,7 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.
                     raise _too_many_pixels(path, width, height, max_pixels)
                 img.load()
                 img = ImageOps.exif_transpose(img)
-                array = _to_rgb(img)
+                array = pil_to_rgb(img)
     except ImageReadError:
         raise
     except UnidentifiedImageError:

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from detect.data.image import DEFAULT_MAX_PIXELS, image_size, read_image
+from detect.data.image import DEFAULT_MAX_PIXELS, image_size, pil_to_rgb, read_image
 from detect.data.records import ImageRecord
 from detect.errors import DatasetError, ImageReadError
 
@@ -58,6 +59,32 @@ class Batch:
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     """``(H, W, 3)`` uint8 -> ``(3, H, W)`` float32 in [0, 1]."""
     return torch.tensor(image).permute(2, 0, 1).contiguous().float().div_(255.0)
+
+
+def as_image_tensors(images, device: torch.device | str | None = None) -> list:
+    """The forms :meth:`detect.detector.Detector.predict` accepts, as (3, H, W) float [0, 1] tensors.
+
+    Each item may be an image file path (read as the tools read it: EXIF orientation applied), a
+    PIL image (EXIF orientation applied), an (H, W, 3) uint8 RGB array, a uint8 (3, H, W) tensor
+    or a float (3, H, W) tensor in [0, 1] (passed through). A (N, 3, H, W) tensor is N images.
+    Anything else is left for :func:`detect.transforms.check_images` to refuse by name.
+    """
+    if isinstance(images, (str, Path, Image.Image, np.ndarray)):
+        images = [images]
+    out = []
+    for item in images:
+        if isinstance(item, (str, Path)):
+            item = image_to_tensor(read_image(item))
+        elif isinstance(item, Image.Image):
+            item = image_to_tensor(np.ascontiguousarray(pil_to_rgb(ImageOps.exif_transpose(item))))
+        elif isinstance(item, np.ndarray) and item.ndim == 3 and item.shape[2] == 3 and item.dtype == np.uint8:
+            item = image_to_tensor(item)
+        elif isinstance(item, torch.Tensor) and item.dtype == torch.uint8 and item.dim() == 3:
+            item = item.float().div(255.0)
+        if isinstance(item, torch.Tensor) and device is not None:
+            item = item.to(device)
+        out.append(item)
+    return out
 
 
 class DetectionDataset(Dataset):
@@ -219,8 +246,10 @@ def train_loader(dataset: DetectionDataset, sampler: GroupedBatchSampler, *, wor
 
 
 def eval_loader(dataset: DetectionDataset, *, batch_size: int = 1, workers: int = 0, rank: int = 0,
-                world_size: int = 1) -> DataLoader:
-    indices = shard_indices(len(dataset), rank, world_size)
+                world_size: int = 1, limit: int = 0) -> DataLoader:
+    """Batches of the dataset's images (this rank's share; the first ``limit`` images when > 0)."""
+    count = min(len(dataset), limit) if limit > 0 else len(dataset)
+    indices = shard_indices(count, rank, world_size)
     batches = [indices[k:k + batch_size] for k in range(0, len(indices), batch_size)]
     return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,
                       generator=torch.Generator().manual_seed(0))

@@ -5,6 +5,13 @@ from detect.evaluation.results import (read_coco_results, read_voc_results, writ
                                        write_voc_results)
 from detect.evaluation.voc import evaluate_voc
 
+METRIC_NAMES = {"voc07": "VOC07", "voc10": "VOC10", "coco": "COCO"}
+
+
+def format_ap(ap: float | None) -> str:
+    """An AP for a table: four decimals, ``n/a`` for a class without ground truth (None or NaN)."""
+    return "n/a" if ap is None or ap != ap else f"{ap:.4f}"
+
 
 def evaluate(records, detections, class_names, metric: str = "voc07") -> dict:
     """Evaluate in-memory detections with one metric ("voc07", "voc10", "coco") or "all" (a dict of the three)."""
@@ -19,5 +26,5 @@ def evaluate(records, detections, class_names, metric: str = "voc07") -> dict:
     return evaluate_voc(records, detections, class_names, metric)
 
 
-__all__ = ["evaluate", "evaluate_voc", "evaluate_coco", "records_to_coco", "read_voc_results",
+__all__ = ["METRIC_NAMES", "format_ap", "evaluate", "evaluate_voc", "evaluate_coco", "records_to_coco", "read_voc_results",
            "write_voc_results", "read_coco_results", "write_coco_results"]

@@ -18,8 +18,8 @@ import torch
 from detect.evaluation.results import detection_to_numpy
 from detect.utils.timing import use_clock
 
-# Faster R-CNN reports its stages as backbone / rpn / roi_heads.
-STAGE_NAMES = {"backbone": "features", "rpn": "proposals", "roi_heads": "heads"}
+# The detector's timing keys (detect.detector.TIMING_KEYS) as the ladder's columns.
+STAGE_NAMES = {"features": "features", "proposals": "proposals", "head": "heads", "postprocess": "heads"}
 
 
 def timed_selective_search(cfg, dataset, count: int, clock: Callable[[], float] = time.perf_counter
@@ -50,12 +50,12 @@ def time_images(model, dataset, indices: Sequence[int], boxes_by_id: dict | None
     """Predict each of the dataset's images at ``indices`` once and time its stages (unreadable ones are skipped).
 
     Args:
-        model: a detector with ``predict(images, [image_ids=], timings=)``.
+        model: a :class:`~detect.detector.Detector`.
         boxes_by_id: the proposals of R-CNN / Fast R-CNN by image id (None: the model makes its own).
         clock: what stage times are read from (wall or process CPU time).
         sample: with K > 0, only the first K of an image's N proposals are run and the features and heads
             times are multiplied by N / K (N: the proposals the model would use, capped at its
-            ``test_proposals``).
+            ``proposals.test_top``).
 
     Returns:
         (detections by image id in numpy, sums over the images: "proposals", "features", "heads" on ``clock``,
@@ -75,10 +75,10 @@ def time_images(model, dataset, indices: Sequence[int], boxes_by_id: dict | None
         kwargs, scale = {}, 1.0
         if boxes_by_id is not None:
             boxes = boxes_by_id[image_id]
-            full = min(len(boxes), model.test_proposals or len(boxes))
+            full = min(len(boxes), model.proposals.test_top or len(boxes))
             used = min(sample, full) if sample > 0 else full
             scale = full / used if used else 1.0
-            model.proposals = FixedProposals(boxes_by_id={image_id: boxes[:used]})
+            model.proposals.source = FixedProposals(boxes_by_id={image_id: boxes[:used]})
             kwargs["image_ids"] = [image_id]
             sums["rois"] += full
             sums["sampled"] += used
@@ -124,9 +124,9 @@ def warm_up(model, dataset, count: int, boxes_by_id: dict | None, *, device, sam
         image, target = item
         kwargs = {}
         if boxes_by_id is not None:
-            cap = [n for n in (sample, getattr(model, "window_batch", 0)) if n > 0]
+            cap = [n for n in (sample, getattr(model.head, "window_batch", 0)) if n > 0]
             boxes = boxes_by_id[target["image_id"]][: min(cap) if cap else None]
-            model.proposals = FixedProposals(boxes_by_id={target["image_id"]: boxes})
+            model.proposals.source = FixedProposals(boxes_by_id={target["image_id"]: boxes})
             kwargs["image_ids"] = [target["image_id"]]
         model.predict([image.to(device)], **kwargs)
         return

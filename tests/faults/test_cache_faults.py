@@ -21,7 +21,7 @@ from detect.config import load_config
 from detect.data.voc import VOCDataset
 from detect.feature_cache import FeatureCache, FeatureCacheError
 from detect.proposal_sources import FixedProposals
-from detect.rcnn import build_rcnn
+from detect.build import build_model
 from detect.rcnn_training import extract_features, fit_regression_stage, fit_svm_stage
 from proposals import cli as proposals_cli
 from proposals.compute import compute_store, search_params
@@ -56,13 +56,13 @@ def rcnn_setup(tmp_path_factory):
     cfg = load_config(RCNN_TINY, ["rcnn.crop_size=32", "rcnn.context_padding=2", "rcnn.svm.retrain_limit=20",
                                   "data.classes=[cat,dog]"])
     torch.manual_seed(0)
-    model = build_rcnn(cfg, class_names=NAMES)
+    model = build_model(cfg, class_names=NAMES)
     rng = np.random.default_rng(0)
     boxes = {}
     for r in records:
         xy = rng.uniform(0, 40, (30, 2))
         boxes[r.image_id] = np.concatenate([xy, xy + rng.uniform(8, 40, (30, 2))], 1).astype(np.float32)
-    model.proposals = FixedProposals(boxes_by_id=boxes)
+    model.proposals.source = FixedProposals(boxes_by_id=boxes)
     fingerprint = {"model_weights": "tiny", "proposal_set": "fixed"}
     reference = base / "reference"
     extract_features(model, records, FeatureCache(reference, fingerprint=fingerprint), log=lambda m: None)
