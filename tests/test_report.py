@@ -57,11 +57,32 @@ def test_report_references_only_files_it_wrote(report):
     on_disk = {p.relative_to(report).as_posix() for p in report.rglob("*") if p.is_file()}
     assert set(refs) == on_disk - {"index.html", "stale.png"}        # everything it wrote, nothing else
     assert "<script" not in page and "<link" not in page and "http" not in page
-    for section in ("Average precision", "AP by object size", "Proposal recall", "Error analysis", "Detections",
+    for section in ("Dataset", "Training curves", "Average precision", "Precision, recall and F1 at score",
+                    "AP by object size", "Proposal recall", "Error analysis", "Class confusion", "Detections",
                     "Occlusion sensitivity", "Deconvnet"):
         assert section in page
     images = [r for r in refs if r.endswith((".png", ".jpg"))]
     assert any(r.startswith("occlusion/") for r in images) and any(r.startswith("deconvnet/") for r in images)
+
+
+def test_report_reads_the_training_log_next_to_the_checkpoint(report, run_dir):
+    """Catches the training curves read from another file, or their last values taken from the wrong line."""
+    numbers = json.loads((report / "analysis.json").read_text())["training"]
+    assert numbers["path"] == str(run_dir / "metrics.jsonl")
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [line for line in lines if "split" not in line]
+    assert len(train_lines) == 2                 # 4 iterations, a line every 2
+    for key in ("loss", "loss_rpn_cls", "loss_cls", "lr"):
+        assert numbers["final"][key] == pytest.approx(train_lines[-1][key])
+    assert "figures/training.png" in referenced_files((report / "index.html").read_text(encoding="utf-8"))
+
+
+def test_analyze_leaves_the_training_curves_out_with_metrics_none(run_dir, tmp_path):
+    assert analyze.main(["--checkpoint", str(run_dir / "model_final.pt"), "--split", "test", "--out",
+                         str(tmp_path / "r"), "--no-progress", "--occlusion", "0", "--deconv-layer", "none",
+                         "--samples", "1", "--max-images", "2", "--metrics", "none"]) == 0
+    assert json.loads((tmp_path / "r" / "analysis.json").read_text())["training"] is None
+    assert "figures/training.png" not in (tmp_path / "r" / "index.html").read_text(encoding="utf-8")
 
 
 def _split_objects(root: Path, split: str) -> dict[str, list[tuple]]:
@@ -268,7 +289,7 @@ def test_explain_occlusion_box_and_deconvnet(run_dir, tmp_path, capsys):
     assert units[0]["cell_yx"] == list(divmod(int(plane.argmax()), plane.shape[1]))
 
 
-@pytest.mark.parametrize("case", ["detection", "layer", "box", "missing_checkpoint", "similar"])
+@pytest.mark.parametrize("case", ["detection", "layer", "box", "missing_checkpoint", "similar", "metrics"])
 def test_bad_input_is_one_line_naming_it(case, run_dir, tmp_path, capsys):
     ckpt, image = str(run_dir / "model_final.pt"), str(_first_image(run_dir))
     base = ["--checkpoint", ckpt, "--image", image, "--out", str(tmp_path)]
@@ -281,9 +302,12 @@ def test_bad_input_is_one_line_naming_it(case, run_dir, tmp_path, capsys):
     elif case == "missing_checkpoint":
         code = analyze.main(["--checkpoint", str(tmp_path / "gone.pt"), "--out", str(tmp_path / "r")])
         expected = "checkpoint not found"
-    else:
+    elif case == "similar":
         code = analyze.main(["--checkpoint", ckpt, "--out", str(tmp_path / "r"), "--similar", "round=circle,oval"])
         expected = "unknown classes ['oval']"
+    else:
+        code = analyze.main(["--checkpoint", ckpt, "--out", str(tmp_path / "r"), "--metrics", str(tmp_path / "no")])
+        expected = f"--metrics {tmp_path / 'no'}: no metrics.jsonl there"
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error: ") and expected in err[-1]
 
@@ -355,3 +379,98 @@ def test_models_without_a_whole_image_pipeline_get_notes_not_crashes(voc_tree, t
     page = index.read_text(encoding="utf-8")
     assert "no score_boxes hook to score a fixed box" in page
     assert "no input transform and trunk to project through" in page
+
+
+# ---------------------------------------------------------------- data, training, thresholds, confusion, thumbnails
+def _section_tables(page: str, anchor: str) -> list[list[list[str]]]:
+    """The tables of one section (from its <h2 id=anchor> to the next <h2>): rows of cell texts."""
+    body = page.split(f'<h2 id="{anchor}">', 1)[1].split("<h2 ", 1)[0]
+    return [[re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row) for row in re.findall(r"<tr>(.*?)</tr>", table)]
+            for table in re.findall(r"<table>(.*?)</table>", body, re.S)]
+
+
+def _hand_made_split(root: Path):
+    from PIL import Image
+
+    from detect.data.records import ImageRecord
+
+    root.mkdir()
+    for name, size in (("a", (200, 150)), ("b", (120, 100))):
+        Image.new("RGB", size, (90, 90, 90)).save(root / f"{name}.png")
+    records = [ImageRecord("a", root / "a.png", 200, 150, boxes=[[10, 10, 60, 60], [100, 20, 160, 80],
+                                                                 [20, 90, 50, 120]], labels=[0, 1, 0]),
+               ImageRecord("b", root / "b.png", 120, 100, boxes=[[0, 0, 120, 100]], labels=[1])]
+    detections = {"a": {"boxes": np.array([[10, 10, 60, 60], [100, 20, 160, 80], [150, 100, 190, 140],
+                                           [20, 90, 50, 120]], np.float32),
+                        "scores": np.array([0.9, 0.8, 0.6, 0.3], np.float32), "labels": np.array([0, 0, 1, 0])},
+                  "b": {"boxes": np.zeros((0, 4), np.float32), "scores": np.zeros(0, np.float32),
+                        "labels": np.zeros(0, np.int64)}}
+    return records, detections
+
+
+def test_report_sections_on_data_training_thresholds_and_confusion_have_the_right_numbers(tmp_path):
+    """Hand-computed: at score 0.5 the cat is found, the dog called a cat, one cat (0.3) and the dog of b missed,
+    a stray dog is background; the cat's best F1 (0.8) is at 0.3. Catches a section missing or misnumbered."""
+    from PIL import Image
+
+    from detect.analysis.report import ReportOptions, build_report
+
+    records, detections = _hand_made_split(tmp_path / "images")
+    log = tmp_path / "run" / "metrics.jsonl"
+    log.parent.mkdir()
+    log.write_text('{"iteration": 2, "lr": 0.01, "loss": 3.0, "loss_cls": 2.0}\n'
+                   '{"iteration": 2, "split": "val", "metric": "voc07", "mAP": 0.125}\n'
+                   '{"iteration": 4, "lr": 0.02, "loss": 1.5, "loss_cls": 1.0}\n')
+    options = ReportOptions(occlusion=0, deconv_layer="", samples=1, training_log=log)
+    index = build_report(None, records, ["cat", "dog"], detections, tmp_path / "report", options=options,
+                         log=lambda m: None)
+    page = index.read_text(encoding="utf-8")
+
+    (confusion,) = _section_tables(page, "class-confusion")
+    assert confusion == [["true \\ predicted", "cat", "dog", "missed"], ["cat", "1", "0", "1"],
+                         ["dog", "1", "0", "1"], ["background", "0", "1", "0"]]
+    assert "1 of 4 objects (25.0%) found with the right class" in page
+
+    thresholds = _section_tables(page, "average-precision")[1]
+    assert thresholds[0][:7] == ["class", "objects", "TP", "FP", "precision", "recall", "F1"]
+    assert thresholds[1] == ["cat", "2", "1", "1", "0.5000", "0.5000", "0.5000", "0.3000", "0.6667", "1.0000",
+                             "0.8000"]
+    assert thresholds[2] == ["dog", "2", "0", "1", "0.0000", "0.0000", "0.0000", "n/a", "n/a", "n/a", "n/a"]
+    assert thresholds[3][:7] == ["all", "4", "1", "2", "0.3333", "0.2500", "0.2857"]
+
+    classes, sizes = _section_tables(page, "dataset")
+    assert classes[1:] == [["cat", "2", "0", "1", "1", "1", "0"], ["dog", "2", "0", "2", "0", "1", "1"],
+                           ["all", "4", "0", "2", "1", "2", "1"]]
+    assert sizes[1] == ["all, image pixels", "0", "0", "1", "2", "1", "0", "0", "0"]   # 30 | 50, 60 | 109.5
+
+    series, evaluations = _section_tables(page, "training-curves")
+    assert series[1] == ["loss", "2", "3.0000", "4", "1.5000", "1.5000"]
+    assert series[3] == ["lr", "2", "0.0100", "4", "0.0200", "0.0100"]
+    assert evaluations[1] == ["2", "val", "voc07", "0.1250"]
+
+    numbers = json.loads((tmp_path / "report" / "analysis.json").read_text())
+    assert numbers["confusion"]["matrix"] == [[1, 0, 1], [1, 0, 1], [0, 1, 0]]
+    assert numbers["thresholds"]["per_class"]["cat"]["best_thresh"] == pytest.approx(0.3)
+    assert numbers["dataset"]["classes"]["dog"] == {"objects": 2, "difficult": 0, "images": 2}
+    assert numbers["training"]["final"]["loss"] == 1.5
+
+    # gallery: a 320 px wide thumbnail (tags drawn at that size) that opens the full-size drawing
+    link, thumb = re.search(r'<a href="(samples/best_00[^"]*)"><img src="(samples/best_00[^"]*)"', page).groups()
+    assert (link, thumb) == ("samples/best_00.jpg", "samples/best_00_thumb.jpg")
+    with Image.open(tmp_path / "report" / thumb) as small, Image.open(tmp_path / "report" / link) as full:
+        assert small.size == (320, 240) and full.size == (200, 150)
+    legend = re.search(r'<p class="legend">(.*?)</p>', page).group(1)
+    assert re.findall(r">(\w+)</span>", legend) == ["cat", "dog"]
+
+
+def test_report_without_a_training_log_says_how_to_give_one(voc_tree, tmp_path):
+    from detect.analysis.report import ReportOptions, build_report
+
+    _, records, names = voc_tree
+    detections = {r.image_id: {"boxes": r.boxes, "scores": np.ones(len(r.labels), np.float32), "labels": r.labels}
+                  for r in records}
+    index = build_report(None, records, names, detections, tmp_path / "report",
+                         options=ReportOptions(occlusion=0, deconv_layer="", samples=1), log=lambda m: None)
+    page = index.read_text(encoding="utf-8")
+    assert "no metrics.jsonl found next to the checkpoint (tools/analyze.py --metrics PATH names one)" in page
+    assert json.loads((tmp_path / "report" / "analysis.json").read_text())["training"] is None

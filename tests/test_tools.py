@@ -231,6 +231,39 @@ def test_demo_writes_an_image_and_an_entry_per_input(run_dir, tmp_path, capsys):
     assert "broken.jpg" in capsys.readouterr().out
 
 
+def test_demo_draws_with_the_label_mode_and_legend_asked_for(run_dir, tmp_path):
+    """Catches --labels / --legend not reaching the drawing: each drawn image must be exactly what
+    draw_detections makes of the listed detections with those options (PNG in and out: no JPEG noise)."""
+    from PIL import Image
+
+    from detect.data.image import read_image
+    from detect.visualize import draw_detections
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in sorted((run_dir.parent / "synth" / "JPEGImages").glob("*.jpg"))[:4]:
+        Image.open(path).save(images / f"{path.stem}.png")
+    drawn = {}
+    for labels, legend in (("none", True), ("class", False)):
+        out = tmp_path / f"drawn_{labels}"
+        assert demo.main(["--checkpoint", str(run_dir), "--images", str(images), "--out", str(out), "--score-thresh",
+                          "0.0", "--device", "cpu", "--no-progress", "--labels", labels,
+                          *(["--legend"] if legend else [])]) == 0
+        report = json.loads((out / "detections.json").read_text())
+        for entry in report["images"]:
+            dets = entry["detections"]
+            expected = draw_detections(read_image(images / entry["file"]),
+                                       np.array([d["box"] for d in dets], np.float32).reshape(-1, 4),
+                                       np.array([d["score"] for d in dets], np.float32),
+                                       np.array([CLASSES.index(d["class"]) for d in dets], np.int64), CLASSES,
+                                       label_mode=labels, legend=legend)
+            drawn[labels, entry["file"]] = read_image(out / entry["file"])
+            assert np.array_equal(drawn[labels, entry["file"]], expected), entry["file"]
+    with_detections = [e["file"] for e in report["images"] if e["detections"]]
+    assert with_detections, "the briefly trained model detects nothing: the test would compare blank drawings"
+    assert all(not np.array_equal(drawn["none", f], drawn["class", f]) for f in with_detections)
+
+
 @pytest.mark.parametrize("case", ["missing_checkpoint", "unknown_key", "not_writable", "empty_folder",
                                   "other_model", "other_classes"])
 def test_bad_input_is_one_line_naming_it(case, run_dir, tmp_path, capsys):

@@ -31,6 +31,8 @@ figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { font-size: 0.85em; color: #555; max-width: 480px; }
 .note { color: #666; font-size: 0.9em; }
 nav a { margin-right: 1em; }
+.legend span { display: inline-block; padding: 1px 6px; margin: 2px; border-radius: 3px; font-size: 0.9em; }
+td.heat { text-align: center; }
 """
 
 _REF = re.compile(r"""(?:src|href)\s*=\s*["']([^"']*)["']""", re.IGNORECASE)
@@ -93,13 +95,33 @@ class HtmlReport:
         body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in rows)
         self.parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
 
-    def figure(self, rel: str, caption: str = "", *, width: int | None = None) -> None:
-        if rel not in self.files:
-            raise ValueError(f"figure {rel!r} was not written by this report")
+    def figure(self, rel: str, caption: str = "", *, width: int | None = None, link: str | None = None) -> None:
+        """An image (a file this report wrote) that opens ``link`` (default: itself) when clicked."""
+        link = rel if link is None else link
+        for ref in (rel, link):
+            if ref not in self.files:
+                raise ValueError(f"figure {ref!r} was not written by this report")
         size = f' width="{int(width)}"' if width else ""
         cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
-        self.parts.append(f'<figure><a href="{html.escape(rel)}"><img src="{html.escape(rel)}" '
+        self.parts.append(f'<figure><a href="{html.escape(link)}"><img src="{html.escape(rel)}" '
                           f'alt="{html.escape(caption or rel)}"{size}></a>{cap}</figure>')
+
+    def legend(self, entries) -> None:
+        """Class tags in their drawing colours (:class:`detect.visualize.LegendEntry` items)."""
+        tags = "".join(f'<span style="background:{e.hex};color:{e.text_hex}">{html.escape(e.name)}</span>'
+                       for e in entries)
+        self.parts.append(f'<p class="legend">{tags}</p>')
+
+    def matrix(self, corner: str, rows: list[str], columns: list[str], values: np.ndarray) -> None:
+        """A table of counts, each cell shaded by its share of the largest count."""
+        top = max(1, int(np.max(values))) if np.size(values) else 1
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in (corner, *columns))
+        body = []
+        for name, row in zip(rows, np.asarray(values)):
+            cells = "".join(f'<td class="heat" style="background:rgba(52,101,164,{0.55 * v / top:.2f})">{int(v)}</td>'
+                            for v in row)
+            body.append(f"<tr><th>{html.escape(name)}</th>{cells}</tr>")
+        self.parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
 
     # ------------------------------------------------------------------ page
     def render(self) -> str:

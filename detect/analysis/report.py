@@ -1,10 +1,13 @@
 """The run report: every analysis of one split in a single self-contained HTML page.
 
-Sections: summary, AP per class with precision-recall curves, AP by object size
-and by truncated / difficult flag, proposal recall (when a proposal store or
-``rpn_recall`` is given), error analysis, drawn detections (best, worst, missed
-objects), occlusion maps of the top detections and deconvnet projections of the
-trunk's strongest channels. Numbers also go to ``analysis.json``.
+Sections: summary, the split's class and object-size distributions, training curves
+(from the run's ``metrics.jsonl``), AP per class with precision-recall curves,
+precision / recall / F1 at the score threshold with a suggested threshold per class,
+AP by object size and by truncated / difficult flag, proposal recall (when a proposal
+store or ``rpn_recall`` is given), error analysis, the class-confusion matrix, drawn
+detections (best, worst, missed objects; thumbnails open the full-size drawing),
+occlusion maps of the top detections and deconvnet projections of the trunk's
+strongest channels. Numbers also go to ``analysis.json``.
 """
 
 from __future__ import annotations
@@ -18,12 +21,16 @@ from typing import Callable
 import numpy as np
 import torch
 
-from detect.analysis import curves, error_analysis, samples
+from detect.analysis import curves, error_analysis, report_sections, samples
 from detect.analysis.html import HtmlReport
 from detect.data.image import read_image
 from detect.data.loader import image_to_tensor
 from detect.data.records import ImageRecord
 from detect.errors import DetectError, ImageReadError
+from detect.visualize import legend_entries
+
+THUMB_WIDTH = 320          # gallery thumbnails: tags drawn at this size stay readable
+FULL_SIDE = 1600           # the full-size drawing a thumbnail opens
 
 
 @dataclass
@@ -34,7 +41,8 @@ class ReportOptions:
         metric: "voc07" (11-point) or "voc10" AP.
         similar_groups: similar-class groups for the error analysis (None: the dataset's default).
         samples: images per gallery (best, worst, missed).
-        score_thresh: detections drawn and counted as found from this score.
+        score_thresh: detections drawn, counted as found, counted in the confusion matrix and in
+            precision / recall / F1 from this score.
         occlusion: top detections (one per image) explained by an occlusion map; 0 for none.
         patch, stride: occluder side and step in image pixels.
         deconv_layer: trunk layer to visualise (None: the last convolution; "" for none).
@@ -43,6 +51,7 @@ class ReportOptions:
         deconv_images: images searched for the top-9 activations.
         proposals: a proposal store version folder (holding ``params.json``) for recall curves.
         rpn_recall: also measure the recall of the model's own proposals (``model.propose``).
+        training_log: the run's ``metrics.jsonl`` for the training curves (None: the section says none was found).
     """
 
     metric: str = "voc07"
@@ -58,6 +67,7 @@ class ReportOptions:
     deconv_images: int = 50
     proposals: Path | None = None
     rpn_recall: bool = False
+    training_log: Path | None = None
 
 
 def _load(record: ImageRecord) -> np.ndarray | None:
@@ -111,6 +121,13 @@ class _Builder:
                  [f"mAP ({self.opt.metric})", mean_ap]]
         self.page.table(["", "value"], rows)
 
+    def dataset(self) -> None:
+        self.numbers["dataset"] = report_sections.dataset_section(
+            self.page, self.records, self.names, report_sections.model_input_resize(self.model))
+
+    def training(self) -> None:
+        self.numbers["training"] = report_sections.training_section(self.page, self.opt.training_log)
+
     def average_precision(self) -> None:
         self.page.section("Average precision")
         self.page.table(["class", "objects", "detections", "AP"],
@@ -119,6 +136,7 @@ class _Builder:
         curves.plot_pr_curves(self.ranked, self.page.path("figures/pr_curves.png"),
                               title=f"precision-recall ({self.opt.metric})")
         self.page.figure("figures/pr_curves.png", "Precision-recall curve of each class; AP in the legend.")
+        self.numbers["thresholds"] = report_sections.thresholds_section(self.page, self.ranked, self.opt.score_thresh)
 
         self.page.heading("AP by object size and flag")
         rows = curves.breakdown(self.records, self.detections, self.names, metric=self.opt.metric)
@@ -182,8 +200,14 @@ class _Builder:
                         [[d.name, d.ap, *[d.ap_without[t] for t in error_analysis.FALSE_POSITIVE_TYPES]]
                          for d in diag.classes])
 
+    def confusion(self) -> None:
+        self.numbers["confusion"] = report_sections.confusion_section(self.page, self.records, self.detections,
+                                                                      self.names, self.opt.score_thresh)
+
     def galleries(self) -> None:
         self.page.section("Detections")
+        self.page.legend(legend_entries(np.arange(len(self.names)), self.names))
+        self.page.text("Ground truth in thin white; click a picture for the full-size drawing.", note=True)
         picked = samples.pick_samples(self.diagnosis, self.records, self.names, count=self.opt.samples,
                                       score_thresh=self.opt.score_thresh)
         titles = {"best": "Best: highest-scoring correct detections",
@@ -199,9 +223,11 @@ class _Builder:
                 if image is None:
                     self.page.text(f"{record.image_id}: image unreadable", note=True)
                     continue
-                rel = self.page.save_image(f"samples/{kind}_{i:02d}.jpg",
-                                           samples.draw_sample(image, record, item, self.names))
-                self.page.figure(rel, f"{record.image_id}: {item.caption}")
+                full = self.page.save_image(f"samples/{kind}_{i:02d}.jpg", samples.draw_sample(
+                    image, record, item, self.names, fit=(FULL_SIDE, FULL_SIDE)))
+                thumb = self.page.save_image(f"samples/{kind}_{i:02d}_thumb.jpg", samples.draw_sample(
+                    image, record, item, self.names, fit=(THUMB_WIDTH, 2 * THUMB_WIDTH), enlarge=True))
+                self.page.figure(thumb, f"{record.image_id}: {item.caption}", link=full)
 
     def occlusion(self) -> None:
         if self.opt.occlusion <= 0:
@@ -305,8 +331,9 @@ def build_report(model, records: list[ImageRecord], class_names: list[str], dete
 
     options = options or ReportOptions()
     b = _Builder(model, records, class_names, detections, Path(out_dir), options)
-    steps = [("summary", lambda: b.summary(info or {})), ("average precision", b.average_precision),
-             ("proposal recall", b.proposal_recall), ("error analysis", b.errors), ("detections", b.galleries),
+    steps = [("summary", lambda: b.summary(info or {})), ("dataset", b.dataset), ("training curves", b.training),
+             ("average precision", b.average_precision), ("proposal recall", b.proposal_recall),
+             ("error analysis", b.errors), ("class confusion", b.confusion), ("detections", b.galleries),
              ("occlusion", b.occlusion), ("deconvnet", b.deconvnet)]
     for name, step in steps:
         log(f"report: {name}")

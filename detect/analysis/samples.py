@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 
 from detect.analysis.error_analysis import CORRECT, ERROR_TYPES, Diagnosis
 from detect.data.records import ImageRecord
-from detect.visualize import draw_detections
+from detect.visualize import Tag, render_detections
 
 GT_COLOR = (255, 255, 255)
 MISSED_COLOR = (255, 0, 255)
@@ -108,29 +108,36 @@ def pick_samples(diagnosis: Diagnosis, records: list[ImageRecord], class_names: 
 
 
 def draw_sample(image: np.ndarray, record: ImageRecord, sample: Sample, class_names: list[str], *,
-                max_side: int = 480) -> np.ndarray:
+                fit: tuple[int, int] = (480, 480), enlarge: bool = False, label_mode: str = "auto") -> np.ndarray:
     """Ground truth in thin white, missed objects in magenta, the sample's detections in their class colour.
+
+    The image is shrunk first and drawn at its final size, so tags keep a readable font in a thumbnail.
 
     Args:
         image: (H, W, 3) uint8 RGB of ``record``.
+        fit: (max width, max height) of the result.
+        enlarge: scale a smaller image up to ``fit`` too (a thumbnail of a small image), not only down.
 
     Returns:
-        (h, w, 3) uint8, shrunk so the longer side is at most ``max_side``.
+        (h, w, 3) uint8.
     """
+    scale = min(fit[0] / image.shape[1], fit[1] / image.shape[0])
+    scale = scale if enlarge else min(1.0, scale)
     canvas = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
+    if scale != 1:
+        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+        canvas = canvas.resize(size, Image.BILINEAR)
     draw = ImageDraw.Draw(canvas)
-    line = max(1, round(min(image.shape[:2]) / 250))
-    for box in record.boxes:
+    line = max(1, round(min(canvas.size) / 250))
+    for box in np.asarray(record.boxes, np.float64).reshape(-1, 4) * scale:
         x1, y1, x2, y2 = box.tolist()
         draw.rectangle([x1, y1, max(x2 - 1, x1), max(y2 - 1, y1)], outline=GT_COLOR, width=line)
-    for box, label in zip(sample.missed, sample.missed_labels):
+    missed = []
+    for box, label in zip(np.asarray(sample.missed, np.float64).reshape(-1, 4) * scale, sample.missed_labels):
         x1, y1, x2, y2 = box.tolist()
         draw.rectangle([x1, y1, max(x2 - 1, x1), max(y2 - 1, y1)], outline=MISSED_COLOR, width=2 * line)
-        draw.text((x1 + 2 * line, max(y2 - 12 * line, y1)), f"missed {class_names[int(label)]}", fill=MISSED_COLOR)
-    out = draw_detections(np.asarray(canvas), sample.boxes, sample.scores, sample.labels, class_names)
-    scale = max_side / max(out.shape[:2])
-    if scale < 1:
-        size = (max(1, round(out.shape[1] * scale)), max(1, round(out.shape[0] * scale)))
-        out = np.asarray(Image.fromarray(out).resize(size, Image.BILINEAR))
-    return out
-
+        name = class_names[int(label)]
+        missed.append(Tag((x1, y1, x2, y2), (f"missed {name}", name), MISSED_COLOR))
+    return render_detections(np.asarray(canvas), np.asarray(sample.boxes, np.float64).reshape(-1, 4) * scale,
+                             sample.scores, sample.labels, class_names, label_mode=label_mode,
+                             extra_tags=missed).image

@@ -34,6 +34,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="skip images whose header declares more pixels (default: data.max_image_pixels)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the stored config, e.g. --set model.roi_heads.nms_thresh=0.4")
+    parser.add_argument("--labels", default="auto", choices=("auto", "score", "class", "none"),
+                        help="tag text: class and score, leaving out tags with no free place (auto), class and "
+                             "score on every box (score), class only (class), or none")
+    parser.add_argument("--legend", action="store_true", help="also draw a class -> colour legend in a corner")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
@@ -90,7 +94,8 @@ def run(args: argparse.Namespace) -> dict:
         boxes = det["boxes"][keep].float().cpu().numpy()
         scores = det["scores"][keep].float().cpu().numpy()
         labels = det["labels"][keep].cpu().numpy()
-        _save_image(draw_detections(image, boxes, scores, labels, names), args.out / rel)
+        _save_image(draw_detections(image, boxes, scores, labels, names, label_mode=args.labels,
+                                    legend=args.legend), args.out / rel)
         entries.append({"file": rel.as_posix(), "width": int(image.shape[1]), "height": int(image.shape[0]),
                         "detections": [{"class": names[int(c)], "score": float(s), "box": [float(v) for v in b]}
                                        for b, s, c in zip(boxes, scores, labels)]})
