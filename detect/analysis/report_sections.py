@@ -18,9 +18,12 @@ from detect.data.records import ImageRecord
 def model_input_resize(model) -> tuple[int, int] | None:
     """``(shorter side, longest side)`` the detector resizes test images to; None when it has no such transform.
 
-    The one place the report reads the model's input transform (``Detector.transform``).
+    The one place the report reads the model's input transform (``Detector.transform_for_test``); R-CNN's
+    keeps images at their own size (None).
     """
-    transform = getattr(model, "transform", None)
+    transform = getattr(model, "transform_for_test", None)
+    if transform is None or not transform.resize:
+        return None
     sizes = getattr(transform, "test_min_size", None), getattr(transform, "max_size", None)
     return (int(sizes[0]), int(sizes[1])) if all(isinstance(s, int) for s in sizes) else None
 
