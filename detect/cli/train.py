@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-test", action="store_true", help="skip the final evaluation on the test split")
+    parser.add_argument("--print-config", nargs="?", const="text", choices=("text", "markdown"), default=None,
+                        help="print every config key (type, value after --set, meaning) and exit; 'markdown': as a table")
     return parser.parse_args(argv)
 
 
@@ -96,6 +98,11 @@ def run(args: argparse.Namespace) -> dict:
 
     overrides = list(args.overrides) + (["train.amp=true"] if args.amp else [])
     cfg = load_config(args.config, overrides)
+    if args.print_config:
+        from detect.config_doc import print_config
+
+        print_config(cfg, args.print_config)
+        return {"out": None, "final_checkpoint": None, "test": None}
     info = distributed.init_from_env(args.device)
     out = args.out or Path("runs") / args.config.stem
     with lock_run_dir(out, log=log):   # before anything is written or deleted there
