@@ -127,3 +127,34 @@ def test_train_and_evaluate_from_coco_json_made_by_convert(tmp_path, capsys):
     assert test["metric"] == "coco" and set(test["stats"]) == set(STAT_NAMES) and set(test["per_class"]) == set(names)
     assert test["mAP"] == test["stats"]["AP"]
     assert "COCO mAP on 'test' (4 images)" in out
+
+
+def test_splits_for_a_voc_folder_without_image_sets(tmp_path, capsys):
+    # A folder from an annotation tool has Annotations/ and JPEGImages/ only; the VOC reader needs split files.
+    # Catches splits that overlap, lose ids, list an annotation without its image, or depend on anything but the seed.
+    import shutil
+
+    from detect.data.convert import make_splits
+    from tests.conftest import make_voc_tree
+
+    root = tmp_path / "voc"
+    ids, names = make_voc_tree(root, num_images=10)
+    shutil.rmtree(root / "ImageSets")
+    (root / "Annotations" / "orphan.xml").write_text((root / "Annotations" / "img0.xml").read_text())   # no image
+    assert convert_main(["splits", "--voc", str(root)]) == 0
+    assert "train 6, val 2, trainval 8, test 2 images" in capsys.readouterr().out
+    split = {s: (root / "ImageSets" / "Main" / f"{s}.txt").read_text().split() for s in ("train", "val", "trainval", "test")}
+    assert sorted(split["trainval"] + split["test"]) == sorted(ids)
+    assert sorted(split["train"] + split["val"]) == split["trainval"] and not set(split["val"]) & set(split["train"])
+    assert len(VOCDataset(root, "trainval", classes="auto").records) == 8
+    # existing split files are kept unless asked
+    assert convert_main(["splits", "--voc", str(root), "--seed", "1"]) == 2
+    assert "already has train.txt, val.txt, trainval.txt, test.txt; pass --overwrite" in capsys.readouterr().err
+    again = make_splits(root, overwrite=True)
+    assert again["test"] == split["test"]                                          # the same seed, the same split
+    other = make_splits(root, seed=1, overwrite=True, test_fraction=0.5, val_fraction=0.0)
+    assert len(other["test"]) == 5 and other["val"] == [] and other["train"] == other["trainval"]
+    with pytest.raises(DatasetError, match="Annotations not found"):
+        make_splits(tmp_path / "empty")
+    with pytest.raises(DatasetError, match="split fractions"):
+        make_splits(root, test_fraction=0.7, val_fraction=0.4, overwrite=True)
