@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 import numpy as np
 from sklearn.cluster import KMeans
 
+from detect.config import Config
 from detect.data.image import image_size
 from detect.data.records import ImageRecord
 from detect.errors import ConfigError, DatasetError, ImageReadError
@@ -229,7 +230,8 @@ def suggest_anchors(widths: np.ndarray, heights: np.ndarray, num_sizes: int = 3,
     return [round(float(s), 1) for s in sizes], [round(float(r), 2) for r in ratios]
 
 
-def apply_auto_sizes(cfg, records: Sequence[ImageRecord], *, log: Callable[[str], None] | None = None):
+def apply_auto_sizes(cfg: Config, records: Sequence[ImageRecord], *,
+                     log: Callable[[str], None] | None = None) -> Config:
     """A copy of ``cfg`` whose ``model.input`` / ``model.anchors`` marked ``auto`` are chosen from ``records``.
 
     ``model.input.auto``: ``min_size``, ``test_min_size`` and ``max_size`` from :func:`suggest_input_size`
