@@ -84,8 +84,9 @@ def _report(cfg, records, class_names, where: str, num_sizes: int, num_ratios: i
 
     choice = suggest_input_size(records, min_side=cfg.model.input.auto_min_object,
                                 max_size=cfg.model.input.auto_max_size)
-    print(f"\nrecommended input size: {choice.describe()} (configured: "
-          f"{(side >= choice.min_side).mean():.1%})")
+    print(f"\nrecommended input size: {choice.describe()}")
+    print(f"  (at the configured {min_size} / {max_size}: {(side >= choice.min_side).mean():.1%} of the objects "
+          f">= {choice.min_side:g} px)")
     if (choice.min_size, choice.max_size) != (min_size, max_size):
         _print_sizes(records, class_names, choice.min_size, choice.max_size)
     w, h = resized_box_shapes(records, choice.min_size, choice.max_size)
