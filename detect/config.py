@@ -65,6 +65,9 @@ class InputConfig:
     test_min_size: int = 600
     flip: bool = True
     size_divisibility: int = 32
+    auto: bool = False             # choose min_size/max_size/test_min_size from the data (detect.input_size)
+    auto_min_object: float = 16.0  # auto: px that 95% of each class's objects reach at the network input
+    auto_max_size: int = 1333      # auto: the largest side it may choose
 
 
 @dataclass
@@ -83,6 +86,7 @@ class AnchorConfig:
     sizes: list[float] = field(default_factory=lambda: [128.0, 256.0, 512.0])
     ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     offset: float = 0.5            # anchor centre inside its feature cell, in cells (0.5: cell centre; torchvision: 0)
+    auto: bool = False             # choose sizes/ratios from the data, as many as listed (detect.input_size)
 
 
 @dataclass

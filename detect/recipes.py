@@ -34,6 +34,7 @@ from detect.engine import evaluate_split, fit
 from detect.errors import ConfigError, DetectError
 from detect.evaluation import METRIC_NAMES, format_ap
 from detect.feature_cache import FeatureCache
+from detect.input_size import apply_auto_sizes
 from detect.pretrain import pretrain_trunk
 from detect.proposal_sources import ensure_stored_proposals
 from detect.rcnn_training import cache_fingerprint, extract_features, fit_regression_stage, fit_svm_stage
@@ -127,6 +128,8 @@ def train(cfg: Config, opt: RunOptions) -> dict:
             prepare_out_dir(out, resume=opt.resume is not None or later_stages, overwrite=opt.overwrite)
         distributed.barrier()
         train_set = build_dataset(cfg, cfg.data.train_split, train=True, strict=opt.strict)
+        # model.input.auto / model.anchors.auto: sizes from the training boxes, saved resolved in the config
+        cfg = apply_auto_sizes(cfg, train_set.records, log=opt.log if distributed.is_main() else None)
         if distributed.is_main():
             dump_config(cfg, out / "config.yaml")
             atomic_write_json(out / "class_names.json", train_set.class_names)

@@ -68,7 +68,7 @@ def test_grid_cache_returns_same_values_for_new_sizes():
 def test_suggested_anchors_cover_small_objects_better():
     import numpy as np
 
-    from detect.cli.suggest_anchors import anchor_coverage, suggest_anchors
+    from detect.input_size import anchor_coverage, suggest_anchors
 
     rng = np.random.default_rng(0)
     side = np.concatenate([rng.uniform(14, 18, 100), rng.uniform(30, 34, 100), rng.uniform(60, 68, 100)])
@@ -90,5 +90,20 @@ def test_suggest_anchors_cli_on_a_voc_tree(tmp_path, capsys):
     assert main(["--voc", str(tmp_path / "voc"), "--split", "test", "--set", "model.input.min_size=[200]"]) == 0
     out = capsys.readouterr().out
     assert "shorter side 200" in out and "suggested: sizes" in out and "    ratios: [" in out
+    # per-class size table and the input-size rule: the tree's images are 80-139 px, so the rule keeps the
+    # largest native shorter side (below the 256 floor) and says how many objects reach 16 px there
+    from detect.data.voc import VOCDataset
+    from detect.input_size import suggest_input_size
+
+    records = VOCDataset(tmp_path / "voc", "test", classes="auto").records
+    choice = suggest_input_size(records)
+    assert f"recommended input size: shorter side {choice.min_size}, longer <= {choice.max_size}" in out
+    assert f"    min_size: [{choice.min_size}]\n    max_size: {choice.max_size}\n" in out
+    cats = sum(int((r.labels == 0).sum()) for r in records)
+    assert any(line.split()[:2] == ["cat", str(cats)] for line in out.splitlines())
+    # the config's own dataset instead of --voc
+    assert main(["--set", "data.format=voc", "--set", f"data.root={tmp_path / 'voc'}", "--set", "data.classes=auto",
+                 "--set", "data.train_split=test"]) == 0
+    assert f"recommended input size: shorter side {choice.min_size}" in capsys.readouterr().out
     assert main(["--voc", str(tmp_path / "voc"), "--split", "nope"]) == 2
     assert "split file not found" in capsys.readouterr().err

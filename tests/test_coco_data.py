@@ -1,6 +1,8 @@
 """COCO JSON reading (crowd kept as ignored, degenerate boxes dropped) and VOC <-> COCO conversion."""
 
 import json
+import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,3 +87,74 @@ def test_perfect_detections_score_one_on_every_metric(voc_tree):
     assert out["voc07"]["mAP"] == pytest.approx(1.0) and out["voc10"]["mAP"] == pytest.approx(1.0)
     assert out["coco"]["stats"]["AP50"] == pytest.approx(1.0) and out["coco"]["mAP"] == pytest.approx(1.0)
     assert evaluate(records, {}, names, "coco")["mAP"] == 0.0
+
+
+def test_train_and_evaluate_from_coco_json_made_by_convert(tmp_path, capsys):
+    # The COCO path of the README: VOC tree -> detect-convert voc2coco per split -> detect-train with
+    # data.format=coco, data.root = the folder file_name is relative to, data.annotations with "{split}".
+    # Catches a root/file_name join that misses the images (every image skipped: no training), classes or
+    # images lost between the JSON and the model, a loss that does not fall, and a COCO result without its keys.
+    from detect.cli.train import parse_args, run
+    from detect.data.synthetic import SYNTHETIC_CLASSES, generate_synthetic
+    from detect.evaluation.coco import STAT_NAMES
+
+    voc = generate_synthetic(tmp_path / "voc", num_images=20, seed=3, style="plain", min_side=128, max_side=160)
+    for split in ("trainval", "test"):
+        assert convert_main(["voc2coco", "--voc", str(voc), "--split", split,
+                             "--out", str(tmp_path / "coco" / f"{split}.json")]) == 0
+    train_json = json.loads((tmp_path / "coco" / "trainval.json").read_text())
+    trainval_ids = (voc / "ImageSets" / "Main" / "trainval.txt").read_text().split()
+    assert len(train_json["images"]) == len(trainval_ids) == 16
+    present = sorted({SYNTHETIC_CLASSES[a["category_id"] - 1] for a in train_json["annotations"]})
+    config = Path(__file__).resolve().parents[1] / "configs" / "faster_rcnn" / "tiny_custom.yaml"
+    overrides = ["data.format=coco", f"data.root={voc / 'JPEGImages'}",
+                 f"data.annotations={tmp_path / 'coco'}/{{split}}.json", "data.classes=auto",
+                 "model.input.auto=false", "model.anchors.auto=false", "model.input.min_size=[128]",
+                 "model.input.max_size=160", "model.input.test_min_size=128", "model.anchors.sizes=[16, 32, 64, 128]",
+                 "pretrain.steps=0", "train.max_iter=40", "train.log_period=5", "train.warmup_iters=5",
+                 "train.checkpoint_period=0", "test.metric=coco"]
+    argv = ["--config", str(config), "--out", str(tmp_path / "run"), "--device", "cpu", "--no-progress"]
+    result = run(parse_args(argv + [a for o in overrides for a in ("--set", o)]))
+    out = capsys.readouterr().out
+    names = json.loads((tmp_path / "run" / "class_names.json").read_text())
+    assert names == [c["name"] for c in train_json["categories"]] and set(present) <= set(names)
+    assert f"training on 16 images of 'trainval' ({len(names)} classes)" in out
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 8 and all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-2:]) < 0.8 * losses[0]
+    test = result["test"]
+    assert test["metric"] == "coco" and set(test["stats"]) == set(STAT_NAMES) and set(test["per_class"]) == set(names)
+    assert test["mAP"] == test["stats"]["AP"]
+    assert "COCO mAP on 'test' (4 images)" in out
+
+
+def test_splits_for_a_voc_folder_without_image_sets(tmp_path, capsys):
+    # A folder from an annotation tool has Annotations/ and JPEGImages/ only; the VOC reader needs split files.
+    # Catches splits that overlap, lose ids, list an annotation without its image, or depend on anything but the seed.
+    import shutil
+
+    from detect.data.convert import make_splits
+    from tests.conftest import make_voc_tree
+
+    root = tmp_path / "voc"
+    ids, names = make_voc_tree(root, num_images=10)
+    shutil.rmtree(root / "ImageSets")
+    (root / "Annotations" / "orphan.xml").write_text((root / "Annotations" / "img0.xml").read_text())   # no image
+    assert convert_main(["splits", "--voc", str(root)]) == 0
+    assert "train 6, val 2, trainval 8, test 2 images" in capsys.readouterr().out
+    split = {s: (root / "ImageSets" / "Main" / f"{s}.txt").read_text().split() for s in ("train", "val", "trainval", "test")}
+    assert sorted(split["trainval"] + split["test"]) == sorted(ids)
+    assert sorted(split["train"] + split["val"]) == split["trainval"] and not set(split["val"]) & set(split["train"])
+    assert len(VOCDataset(root, "trainval", classes="auto").records) == 8
+    # existing split files are kept unless asked
+    assert convert_main(["splits", "--voc", str(root), "--seed", "1"]) == 2
+    assert "already has train.txt, val.txt, trainval.txt, test.txt; pass --overwrite" in capsys.readouterr().err
+    again = make_splits(root, overwrite=True)
+    assert again["test"] == split["test"]                                          # the same seed, the same split
+    other = make_splits(root, seed=1, overwrite=True, test_fraction=0.5, val_fraction=0.0)
+    assert len(other["test"]) == 5 and other["val"] == [] and other["train"] == other["trainval"]
+    with pytest.raises(DatasetError, match="Annotations not found"):
+        make_splits(tmp_path / "empty")
+    with pytest.raises(DatasetError, match="split fractions"):
+        make_splits(root, test_fraction=0.7, val_fraction=0.4, overwrite=True)

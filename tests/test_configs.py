@@ -19,7 +19,7 @@ SMALL = ["model.backbone.weights=none", "model.input.min_size=[128]", "model.inp
 
 def test_all_recipes_are_present():
     assert {p.name for p in CONFIGS} >= {"vgg16_voc07.yaml", "zf_voc07.yaml", "resnet50_voc0712.yaml",
-                                         "resnet50_coco.yaml", "tiny_synthetic.yaml"}
+                                         "resnet50_coco.yaml", "tiny_synthetic.yaml", "tiny_custom.yaml"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -81,3 +81,21 @@ def test_paper_values():
     assert coco.model.anchors.sizes == [64.0, 128.0, 256.0, 512.0] and coco.data.format == "coco"
     tiny = load_config(CONFIGS[0].parent / "tiny_synthetic.yaml")
     assert tiny.model.backbone.weights == "none" and tiny.data.format == "synthetic"
+
+
+@pytest.mark.parametrize("pipeline", ["faster_rcnn", "fast_rcnn", "rcnn"])
+def test_custom_configs_need_only_a_data_root(pipeline):
+    # The configs for one's own data: VOC layout, classes from the annotations, no ImageNet weights, input size
+    # (and for Faster R-CNN the anchors) chosen from the data; without data.root the one error names the key.
+    from detect.data.loader import build_dataset
+    from detect.errors import DatasetError
+
+    path = CONFIGS[0].parents[1] / pipeline / "tiny_custom.yaml"
+    cfg = load_config(path)
+    assert (cfg.model.pipeline, cfg.data.format, cfg.data.root, cfg.data.classes) == (pipeline, "voc", "", "auto")
+    assert (cfg.data.train_split, cfg.data.test_split) == ("trainval", "test")
+    assert cfg.model.backbone.weights == "none" and cfg.model.backbone.name in ("tiny", "tiny8")
+    assert cfg.model.input.auto == (pipeline != "rcnn") and cfg.model.anchors.auto == (pipeline == "faster_rcnn")
+    assert cfg.pretrain.steps == (0 if pipeline == "rcnn" else 1200)
+    with pytest.raises(DatasetError, match="data.root is empty"):
+        build_dataset(cfg, cfg.data.train_split, train=True)

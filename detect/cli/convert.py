@@ -2,6 +2,7 @@
 
     tools/convert.py voc2coco --voc ROOT --split test --out test.json [--classes auto]
     tools/convert.py coco2voc --coco instances.json --images IMAGE_DIR --out VOC_ROOT --split val
+    tools/convert.py splits --voc ROOT [--test 0.2] [--val 0.2] [--seed 0]    # ImageSets/Main/*.txt for a VOC folder
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     c2v.add_argument("--split", required=True)
     c2v.add_argument("--classes", default="auto")
     c2v.add_argument("--copy", action="store_true", help="copy images instead of hard-linking them")
+    spl = sub.add_parser("splits", help="write ImageSets/Main/{train,val,trainval,test}.txt for a VOC folder")
+    spl.add_argument("--voc", type=Path, required=True, help="folder with Annotations/ and JPEGImages/")
+    spl.add_argument("--test", type=float, default=0.2, help="fraction of the images for test (default 0.2)")
+    spl.add_argument("--val", type=float, default=0.2, help="fraction of the images for val (default 0.2)")
+    spl.add_argument("--seed", type=int, default=0)
+    spl.add_argument("--overwrite", action="store_true", help="replace existing split files")
     return parser.parse_args(argv)
 
 
@@ -34,8 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> int:
-        from detect.data.convert import coco_to_voc, voc_to_coco
+        from detect.data.convert import coco_to_voc, make_splits, voc_to_coco
 
+        if args.command == "splits":
+            splits = make_splits(args.voc, test_fraction=args.test, val_fraction=args.val, seed=args.seed,
+                                 overwrite=args.overwrite)
+            print(f"wrote {args.voc / 'ImageSets' / 'Main'}: "
+                  + ", ".join(f"{name} {len(ids)}" for name, ids in splits.items()) + " images")
+            return 0
         classes = args.classes if args.classes in ("auto", "voc") else args.classes.split(",")
         if args.command == "voc2coco":
             data = voc_to_coco(args.voc, args.split, args.out, classes=classes)

@@ -1,11 +1,17 @@
-"""``detect-suggest-anchors``: anchor sizes and ratios from a dataset's boxes after the model's resize.
+"""``detect-suggest-anchors``: object sizes at the network input, and the input size and anchors that fit them.
 
 Anchors that do not cover a dataset's objects leave them without positive
-anchors at IoU 0.7 (Faster R-CNN Sec. 3.1.2): small-object datasets suffer
-most. This tool resizes every box as the model would (shorter side
-``min_size``, longer at most ``max_size``), clusters log sizes and log aspect
-ratios with k-means (scikit-learn), and reports how many boxes the configured
-and the suggested anchors cover.
+anchors at IoU 0.7 (Faster R-CNN Sec. 3.1.2), and an input size that shrinks
+objects to a few pixels loses them before any anchor is tried: small-object
+datasets suffer most. This tool resizes every box as the model would (shorter
+side ``min_size``, longer at most ``max_size``), reports the object sizes per
+class, clusters log sizes and log aspect ratios with k-means (scikit-learn),
+reports how many boxes the configured and the suggested anchors cover, and
+recommends an input size by the rule of :mod:`detect.input_size` (95% of
+the objects at least 16 px), with anchors for it.
+
+    detect-suggest-anchors --voc ROOT [--split trainval] [--config C] [--set model.input.min_size=[800]]
+    detect-suggest-anchors --config C --set data.root=DIR      # the config's dataset (VOC or COCO)
 """
 
 from __future__ import annotations
@@ -14,84 +20,59 @@ import argparse
 import sys
 
 import numpy as np
-from sklearn.cluster import KMeans
 
-from detect.config import load_config
-from detect.data.voc import VOCDataset
-from detect.errors import DetectError
-
-
-def resized_box_shapes(records, min_size: int, max_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Widths and heights of all boxes after resizing their images like the model's input pipeline."""
-    widths, heights = [], []
-    for r in records:
-        if not len(r.boxes) or r.width <= 0 or r.height <= 0:
-            continue
-        scale = min(min_size / min(r.width, r.height), max_size / max(r.width, r.height))
-        widths.append((r.boxes[:, 2] - r.boxes[:, 0]) * scale)
-        heights.append((r.boxes[:, 3] - r.boxes[:, 1]) * scale)
-    if not widths:
-        return np.zeros(0), np.zeros(0)
-    return np.concatenate(widths).astype(np.float64), np.concatenate(heights).astype(np.float64)
-
-
-def anchor_coverage(widths: np.ndarray, heights: np.ndarray, sizes, ratios) -> np.ndarray:
-    """Best IoU of each box with an anchor shape of the same centre, (N,).
-
-    Centred IoU is the best an anchor of that shape can reach; the grid stride only lowers it.
-    """
-    sizes = np.asarray(sizes, dtype=np.float64)
-    ratios = np.asarray(ratios, dtype=np.float64)
-    aw = (sizes[None, :] / np.sqrt(ratios)[:, None]).ravel()
-    ah = (sizes[None, :] * np.sqrt(ratios)[:, None]).ravel()
-    inter = np.minimum(widths[:, None], aw[None]) * np.minimum(heights[:, None], ah[None])
-    union = (widths * heights)[:, None] + (aw * ah)[None] - inter
-    return (inter / union).max(axis=1)
-
-
-def suggest_anchors(widths: np.ndarray, heights: np.ndarray, num_sizes: int = 3, num_ratios: int = 3,
-                    seed: int = 0) -> tuple[list[float], list[float]]:
-    """Cluster log sqrt(area) into ``num_sizes`` sizes and log(h / w) into ``num_ratios`` ratios."""
-    if len(widths) < max(num_sizes, num_ratios):
-        raise DetectError(f"only {len(widths)} boxes: too few to suggest {num_sizes} sizes and {num_ratios} ratios")
-
-    def centres(values: np.ndarray, k: int) -> np.ndarray:
-        km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(values.reshape(-1, 1))
-        return np.sort(np.exp(km.cluster_centers_.ravel()))
-
-    sizes = centres(0.5 * np.log(widths * heights), num_sizes)
-    ratios = centres(np.log(heights / widths), num_ratios)
-    return [round(float(s), 1) for s in sizes], [round(float(r), 2) for r in ratios]
+from detect.cli.common import run_cli
+from detect.input_size import (anchor_coverage, resized_box_shapes, size_statistics, suggest_anchors,
+                                  suggest_input_size)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detect-suggest-anchors", description=__doc__.splitlines()[0])
-    parser.add_argument("--voc", required=True, metavar="ROOT", help="PASCAL VOC-format dataset root")
-    parser.add_argument("--split", default="trainval", help="split to read (default: trainval)")
+    parser.add_argument("--voc", default=None, metavar="ROOT",
+                        help="PASCAL VOC-format dataset root (default: the dataset of --config's data section)")
+    parser.add_argument("--split", default=None, help="split to read (default: trainval, or the config's train split)")
     parser.add_argument("--config", default=None, help="config whose input sizes and anchors to use")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. model.input.min_size=[800] (repeatable)")
-    parser.add_argument("--sizes", type=int, default=3, help="number of anchor sizes to suggest (default: 3)")
-    parser.add_argument("--ratios", type=int, default=3, help="number of aspect ratios to suggest (default: 3)")
+    parser.add_argument("--sizes", type=int, default=None, help="anchor sizes to suggest (default: as configured)")
+    parser.add_argument("--ratios", type=int, default=None, help="aspect ratios to suggest (default: as configured)")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as exc:
-        return 0 if exc.code == 0 else 2
-    try:
-        cfg = load_config(args.config, overrides=args.overrides)
-        data = VOCDataset(args.voc, args.split, classes="auto")
-        min_size, max_size = cfg.model.input.min_size[0], cfg.model.input.max_size
-        w, h = resized_box_shapes(data.records, min_size, max_size)
-        sizes, ratios = suggest_anchors(w, h, args.sizes, args.ratios)
-    except DetectError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def _load(args):
+    """``(cfg, records, class_names, where)`` for the dataset the arguments name."""
+    from detect.config import load_config
+    from detect.data.loader import load_records
+    from detect.data.voc import VOCDataset
+
+    cfg = load_config(args.config, overrides=args.overrides)
+    if args.voc is not None:
+        split = args.split or "trainval"
+        data = VOCDataset(args.voc, split, classes="auto")
+        return cfg, data.records, data.class_names, f"{args.voc} ({split})"
+    split = args.split or cfg.data.train_split
+    records, class_names, _ = load_records(cfg, split)
+    return cfg, records, class_names, f"{cfg.data.root or cfg.data.format} ({split})"
+
+
+def _print_sizes(records, class_names, min_size: int, max_size: int) -> None:
+    print(f"object size sqrt(w*h) at the network input, px ({min_size} / {max_size}):")
+    print(f"  {'class':>16s}  {'count':>6s}  {'median':>6s}  {'5th pct':>7s}  {'<16 px':>6s}  {'<32 px':>6s}")
+    for row in size_statistics(records, class_names, min_size=min_size, max_size=max_size):
+        if row.count == 0:
+            print(f"  {row.name:>16s}  {0:>6d}  {'-':>6s}  {'-':>7s}  {'-':>6s}  {'-':>6s}")
+            continue
+        print(f"  {row.name:>16s}  {row.count:>6d}  {row.median:>6.1f}  {row.p5:>7.1f}  "
+              f"{row.under_16:>6.1%}  {row.under_32:>6.1%}")
+
+
+def _report(cfg, records, class_names, where: str, num_sizes: int, num_ratios: int) -> None:
+    min_size, max_size = cfg.model.input.min_size[0], cfg.model.input.max_size
+    w, h = resized_box_shapes(records, min_size, max_size)
+    sizes, ratios = suggest_anchors(w, h, num_sizes, num_ratios)
     side = np.sqrt(w * h)
-    print(f"{len(w)} boxes in {args.voc} ({args.split}) after resizing to shorter side {min_size}, longer <= {max_size}")
+    print(f"{len(w)} boxes in {where} after resizing to shorter side {min_size}, longer <= {max_size}")
+    _print_sizes(records, class_names, min_size, max_size)
     print("box size sqrt(w*h) percentiles 5/25/50/75/95: "
           + " / ".join(f"{v:.0f}" for v in np.percentile(side, [5, 25, 50, 75, 95])))
     print("aspect ratio h/w percentiles 5/50/95: " + " / ".join(f"{v:.2f}" for v in np.percentile(h / w, [5, 50, 95])))
@@ -100,9 +81,39 @@ def main(argv: list[str] | None = None) -> int:
         best = anchor_coverage(w, h, s, r)
         print(f"{name:>10}: sizes {list(s)} ratios {list(r)}: boxes with a centred anchor at IoU >= 0.7: "
               f"{(best >= 0.7).mean():.1%}, >= 0.5: {(best >= 0.5).mean():.1%}")
-    print("\nmodel:\n  anchors:\n"
+
+    choice = suggest_input_size(records, min_side=cfg.model.input.auto_min_object,
+                                max_size=cfg.model.input.auto_max_size)
+    print(f"\nrecommended input size: {choice.describe()}")
+    print(f"  (at the configured {min_size} / {max_size}: {(side >= choice.min_side).mean():.1%} of the objects "
+          f">= {choice.min_side:g} px)")
+    if (choice.min_size, choice.max_size) != (min_size, max_size):
+        _print_sizes(records, class_names, choice.min_size, choice.max_size)
+    w, h = resized_box_shapes(records, choice.min_size, choice.max_size)
+    sizes, ratios = suggest_anchors(w, h, num_sizes, num_ratios)
+    best = anchor_coverage(w, h, sizes, ratios)
+    print(f"anchors for it: sizes {sizes} ratios {ratios}: boxes with a centred anchor at IoU >= 0.7: "
+          f"{(best >= 0.7).mean():.1%}")
+    print("\nmodel:\n  input:\n"
+          f"    min_size: [{choice.min_size}]\n    max_size: {choice.max_size}\n    test_min_size: {choice.min_size}\n"
+          "  anchors:\n"
           f"    sizes: [{', '.join(f'{s:g}' for s in sizes)}]\n    ratios: [{', '.join(f'{r:g}' for r in ratios)}]")
-    return 0
+    print("(or let training choose them: model.input.auto: true, model.anchors.auto: true)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:
+        return 0 if exc.code == 0 else 2
+
+    def body() -> int:
+        cfg, records, class_names, where = _load(args)
+        _report(cfg, records, class_names, where, args.sizes or len(cfg.model.anchors.sizes),
+                args.ratios or len(cfg.model.anchors.ratios))
+        return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-test", action="store_true", help="skip the final evaluation on the test split")
+    parser.add_argument("--print-config", nargs="?", const="text", choices=("text", "markdown"), default=None,
+                        help="print every config key (type, value after --set, meaning) and exit; 'markdown': as a table")
     return parser.parse_args(argv)
 
 
@@ -57,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> dict:
         cfg = load_config(args.config, list(args.overrides) + (["train.amp=true"] if args.amp else []))
+        if args.print_config:
+            from detect.config_doc import print_config
+
+            print_config(cfg, args.print_config)
+            return {}
         info = distributed.init_from_env(args.device)
         return train(cfg, RunOptions(out=args.out or Path("runs") / args.config.stem, device=info.device,
                                      resume=args.resume, overwrite=args.overwrite, strict=args.strict,

@@ -50,3 +50,48 @@ def coco_to_voc(annotations: str | Path, image_root: str | Path, out_root: str |
         ids.append(stem)
     write_split(out_root, split, ids)
     return len(ids)
+
+
+SPLIT_NAMES = ("train", "val", "trainval", "test")
+
+
+def make_splits(voc_root: str | Path, *, test_fraction: float = 0.2, val_fraction: float = 0.2, seed: int = 0,
+                overwrite: bool = False) -> dict[str, list[str]]:
+    """Write ``ImageSets/Main/{train,val,trainval,test}.txt`` for a VOC folder that has none.
+
+    Every ``Annotations/<id>.xml`` whose image is in ``JPEGImages`` is assigned by a seeded shuffle
+    (scikit-learn's ``train_test_split``): ``test_fraction`` of them to test, ``val_fraction`` of all to
+    val, the rest to train; trainval is train + val (VOC's convention; the defaults give 60/20/20 as the
+    synthetic set). Returns the ids per split, each sorted.
+
+    Raises:
+        DatasetError: no Annotations folder, fewer than 2 usable ids, bad fractions, or split files already
+            there (unless ``overwrite``).
+    """
+    from sklearn.model_selection import train_test_split
+
+    from detect.data.voc import find_image
+    from detect.errors import DatasetError
+
+    root = Path(voc_root)
+    folder = root / "Annotations"
+    if not folder.is_dir():
+        raise DatasetError(f"{folder} not found: a VOC folder has Annotations/*.xml and JPEGImages/")
+    if not (0 < test_fraction < 1 and 0 <= val_fraction < 1 and test_fraction + val_fraction < 1):
+        raise DatasetError(f"split fractions test={test_fraction}, val={val_fraction}: each in [0, 1) with a "
+                           "positive test fraction and a sum below 1")
+    existing = [name for name in SPLIT_NAMES if (root / "ImageSets" / "Main" / f"{name}.txt").exists()]
+    if existing and not overwrite:
+        raise DatasetError(f"{root / 'ImageSets' / 'Main'} already has {', '.join(f'{n}.txt' for n in existing)}; "
+                           "pass --overwrite to replace them")
+    ids = sorted(p.stem for p in folder.glob("*.xml") if find_image(root, p.stem).is_file())
+    if len(ids) < 2:
+        raise DatasetError(f"{folder}: {len(ids)} annotation files with an image in JPEGImages/; need at least 2")
+    trainval, test = train_test_split(ids, test_size=max(1, round(test_fraction * len(ids))), random_state=seed)
+    n_val = round(val_fraction * len(ids))
+    train, val = (train_test_split(trainval, test_size=n_val, random_state=seed) if 0 < n_val < len(trainval)
+                  else (trainval, []))
+    splits = {"train": sorted(train), "val": sorted(val), "trainval": sorted(trainval), "test": sorted(test)}
+    for name, members in splits.items():
+        write_split(root, name, members)
+    return splits
