@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from detect.cli.common import run_cli
+from detect.cli.common import add_runtime_args, apply_runtime, run_cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -27,6 +27,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     c2v.add_argument("--split", required=True)
     c2v.add_argument("--classes", default="auto")
     c2v.add_argument("--copy", action="store_true", help="copy images instead of hard-linking them")
+    for command in (v2c, c2v):
+        add_runtime_args(command)
     return parser.parse_args(argv)
 
 
@@ -36,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from detect.data.convert import coco_to_voc, voc_to_coco
 
+        apply_runtime(args)
         classes = args.classes if args.classes in ("auto", "voc") else args.classes.split(",")
         if args.command == "voc2coco":
             data = voc_to_coco(args.voc, args.split, args.out, classes=classes)

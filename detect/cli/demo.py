@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from detect.cli.common import run_cli
+from detect.cli.common import add_runtime_args, apply_runtime, run_cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,6 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the stored config, e.g. --set model.roi_heads.nms_thresh=0.4")
     parser.add_argument("--no-progress", action="store_true")
+    add_runtime_args(parser)
     return parser.parse_args(argv)
 
 
@@ -52,6 +53,7 @@ def _save_image(image: np.ndarray, path: Path) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """Run the demo; returns the content of ``detections.json``."""
+    apply_runtime(args)
     from tqdm import tqdm
 
     from detect.checkpoint import model_from_checkpoint

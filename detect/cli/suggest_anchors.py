@@ -16,6 +16,7 @@ import sys
 import numpy as np
 from sklearn.cluster import KMeans
 
+from detect.cli.common import add_runtime_args, apply_runtime
 from detect.config import load_config
 from detect.data.voc import VOCDataset
 from detect.errors import DetectError
@@ -73,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="config override, e.g. model.input.min_size=[800] (repeatable)")
     parser.add_argument("--sizes", type=int, default=3, help="number of anchor sizes to suggest (default: 3)")
     parser.add_argument("--ratios", type=int, default=3, help="number of aspect ratios to suggest (default: 3)")
+    add_runtime_args(parser)
     return parser
 
 
@@ -81,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exc:
         return 0 if exc.code == 0 else 2
+    apply_runtime(args)
     try:
         cfg = load_config(args.config, overrides=args.overrides)
         data = VOCDataset(args.voc, args.split, classes="auto")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from detect import distributed
-from detect.cli.common import METRIC_NAMES, format_ap, run_distributed_cli
+from detect.cli.common import METRIC_NAMES, add_runtime_args, apply_runtime, format_ap, run_distributed_cli
 from detect.errors import ConfigError, DetectError
 
 
@@ -40,6 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-test", action="store_true", help="skip the final evaluation on the test split")
+    add_runtime_args(parser)
     return parser.parse_args(argv)
 
 
@@ -96,6 +97,7 @@ def run(args: argparse.Namespace) -> dict:
 
     overrides = list(args.overrides) + (["train.amp=true"] if args.amp else [])
     cfg = load_config(args.config, overrides)
+    apply_runtime(args, cfg.train)
     info = distributed.init_from_env(args.device)
     out = args.out or Path("runs") / args.config.stem
     with lock_run_dir(out, log=log):   # before anything is written or deleted there

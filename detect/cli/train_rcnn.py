@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from detect.cli.common import run_cli
+from detect.cli.common import add_runtime_args, apply_runtime, run_cli
 from detect.errors import ConfigError
 
 STAGES = ("finetune", "features", "svm", "bbox")
@@ -40,6 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--no-test", action="store_true", help="skip the final evaluation on the test split")
     parser.add_argument("--no-progress", action="store_true")
+    add_runtime_args(parser)
     return parser.parse_args(argv)
 
 
@@ -57,6 +58,7 @@ def run(args: argparse.Namespace) -> dict:
     if unknown:
         raise ConfigError(f"--stages: unknown stage(s) {unknown} (choose from {', '.join(STAGES)})")
     cfg = load_config(args.config, args.overrides)
+    apply_runtime(args, cfg.train)
     if cfg.model.pipeline != "rcnn":
         raise ConfigError(f"{args.config}: model.pipeline is '{cfg.model.pipeline}'; tools/train_rcnn.py trains "
                           "'rcnn' (use tools/train.py for the others)")
