@@ -41,6 +41,7 @@ from detect.errors import DetectError
 from detect.evaluation.results import detection_to_numpy
 from detect.optim import Schedule, build_optimizer, build_scheduler, lr_factor, resolve_schedule  # noqa: F401
 from detect.runlog import LOSS_NAMES, MetricsLog, ProgressBar, clean_run_dir, lock_run_dir, summarise  # noqa: F401
+from detect.utils.runtime import autocast_dtype
 
 class TrainingDiverged(DetectError):
     """``train.max_nonfinite`` bad steps in a row, or NaN/inf weights after a step (see :mod:`detect.divergence`)."""
@@ -68,14 +69,16 @@ def train_one_epoch(loss_fn: Callable, loader, optimizer, scheduler, state: Trai
                     device: torch.device, end_iter: int, params: list[nn.Parameter], guard: StepGuard,
                     scaler=None, on_step: Callable[[TrainState, dict], bool] | None = None,
                     log: Callable[[str], None] = print,
-                    loss_kwargs: dict | Callable[[list[torch.Tensor]], dict] | None = None) -> bool:
+                    loss_kwargs: dict | Callable[[list[torch.Tensor]], dict] | None = None,
+                    autocast: torch.dtype | None = None) -> bool:
     """Run the loader's batches until it ends or ``state.iteration`` reaches ``end_iter``.
 
     ``loss_fn(images, targets)`` is ``model.loss`` (or its DDP wrapper) and returns the
     four named losses; their sum is minimised. ``guard`` judges each step (:mod:`detect.divergence`).
     ``on_step`` runs after every iteration and returns True to stop. Returns True when stopped by
     ``on_step``. ``loss_kwargs`` are extra arguments of the loss (alternating training: ``stage``,
-    ``proposals``), or a function of the images that returns them.
+    ``proposals``), or a function of the images that returns them. ``autocast``: the dtype of mixed
+    precision (:func:`detect.utils.runtime.autocast_dtype`; an enabled ``scaler`` alone means float16).
     """
     for batch in loader:
         if state.iteration >= end_iter:
@@ -91,7 +94,7 @@ def train_one_epoch(loss_fn: Callable, loader, optimizer, scheduler, state: Trai
         # Every rank must take the same branch: DDP's backward is a collective.
         if distributed.all_true(len(batch) > 0):
             _step(loss_fn, batch, optimizer, state, record, cfg=cfg, device=device, params=params, guard=guard,
-                  scaler=scaler, log=log, loss_kwargs=loss_kwargs)
+                  scaler=scaler, log=log, loss_kwargs=loss_kwargs, autocast=autocast)
         else:
             record["skipped_step"] = "no readable image"
         optimizer.zero_grad(set_to_none=True)
@@ -104,13 +107,15 @@ def train_one_epoch(loss_fn: Callable, loader, optimizer, scheduler, state: Trai
 
 
 def _step(loss_fn: Callable, batch: Batch, optimizer, state: TrainState, record: dict, *, cfg: TrainConfig,
-          device: torch.device, params: list[nn.Parameter], guard: StepGuard, scaler, log, loss_kwargs) -> None:
+          device: torch.device, params: list[nn.Parameter], guard: StepGuard, scaler, log, loss_kwargs,
+          autocast: torch.dtype | None = None) -> None:
     """One optimizer step on ``batch``, or a skipped one that leaves the model as it was."""
-    amp = scaler is not None and scaler.is_enabled()
+    amp = scaler is not None and scaler.is_enabled()   # float16 loss scaling (CUDA); bfloat16 needs none
+    dtype = autocast if autocast is not None else (torch.float16 if amp else None)
     images, targets = _to_device(batch, device)
     extra = loss_kwargs(images) if callable(loss_kwargs) else (loss_kwargs or {})
     saved = guard.snapshot()
-    with torch.autocast(device.type, enabled=amp):
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         losses = loss_fn(images, targets, **extra)
     total = sum(losses.values())
     value = float(total.detach())
@@ -310,9 +315,8 @@ def _fit(model: nn.Module, train_set: DetectionDataset, cfg: Config, *, out_dir:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, tcfg)
     scheduler = build_scheduler(optimizer, tcfg, schedule)
-    amp = tcfg.amp and device.type == "cuda"
-    if tcfg.amp and not amp:
-        log("train.amp ignored: mixed precision needs CUDA")
+    precision = autocast_dtype(tcfg.amp, device, log=log)
+    amp = precision == torch.float16
     scaler, config_dict = torch.amp.GradScaler(device.type, enabled=amp), config_to_dict(cfg)
     state = TrainState()
     if resume is not None:
@@ -373,7 +377,7 @@ def _fit(model: nn.Module, train_set: DetectionDataset, cfg: Config, *, out_dir:
             loader = train_loader(train_set, sampler, workers=tcfg.workers)
             stopped = train_one_epoch(loss_fn, loader, optimizer, scheduler, state, cfg=tcfg, device=device,
                                       end_iter=schedule.max_iter, params=params, guard=guard, scaler=scaler,
-                                      on_step=on_step, log=log, loss_kwargs=loss_kwargs)
+                                      on_step=on_step, log=log, loss_kwargs=loss_kwargs, autocast=precision)
     except TrainingDiverged as exc:
         raise TrainingDiverged(_set_aside_diverged(str(exc), out_dir / "checkpoints", state)) from None
     finally:

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from tests.engine_fakes import CLASSES, FakeDetector, fake_config, fake_dataset
 
+from detect.checkpoint import load_checkpoint
+from detect.config import load_config
 from detect.data.loader import DetectionDataset, GroupedBatchSampler, eval_loader
 from detect.engine import TrainingDiverged, build_optimizer, evaluate, fit, lr_factor, resolve_schedule
 from detect.errors import CheckpointError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +203,41 @@ def test_fit_refuses_a_checkpoint_for_other_classes(images, tmp_path):
     with pytest.raises(CheckpointError, match="trained for classes"):
         fit(FakeDetector(["a", "b", "c"]), other, fake_config(max_iter=6), out_dir=tmp_path, resume=tmp_path,
             progress=False, log=lambda m: None)
+
+
+# --------------------------------------------------------------------------- mixed precision on the CPU
+
+
+def test_amp_on_the_cpu_trains_in_bfloat16_close_to_float32(images, tmp_path):
+    """train.amp on the CPU: convolutions run in bfloat16 (no GradScaler), losses stay finite, and the first step's
+    loss is that of float32 within 5%. bfloat16 keeps 8 significant bits (0.4% per rounding); through the tiny
+    trunk the objectness loss moved by < 0.01% and the total by 0.003% here (2.18215 vs 2.18221) and by 1.2% with
+    other images (2.4248 vs 2.3963, the box loss of a few positive RoIs whose boxes are rounded to bfloat16: ~1 px
+    at 128-256 px). A missing autocast fails the dtype check; float16 or a broken loss would be far off."""
+    import copy
+
+    from detect import build_model
+
+    overrides = ["model.input.min_size=[96]", "model.input.test_min_size=96", "model.input.max_size=160",
+                 "train.log_period=1", "train.checkpoint_period=0", "train.workers=0", "train.warmup_iters=0"]
+    torch.manual_seed(0)
+    initial = build_model(load_config(REPO / "configs" / "faster_rcnn" / "tiny_synthetic.yaml", overrides),
+                          class_names=CLASSES)
+    runs = {}
+    for amp, steps in ((False, 1), (True, 3)):
+        cfg = load_config(REPO / "configs" / "faster_rcnn" / "tiny_synthetic.yaml",
+                          overrides + [f"train.max_iter={steps}", f"train.amp={str(amp).lower()}"])
+        model = copy.deepcopy(initial)
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        dtypes = set()
+        conv.register_forward_hook(lambda module, inputs, output: dtypes.add(output.dtype))
+        torch.manual_seed(0)
+        fit(model, images, cfg, out_dir=tmp_path / str(amp), progress=False, log=lambda m: None)
+        lines = [json.loads(line) for line in (tmp_path / str(amp) / "metrics.jsonl").read_text().splitlines()]
+        runs[amp] = (dtypes, lines)
+    assert runs[False][0] == {torch.float32} and runs[True][0] == {torch.bfloat16}
+    (_, fp32), (_, bf16) = runs[False], runs[True]
+    assert [r["iteration"] for r in bf16] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in bf16)
+    assert bf16[0]["loss"] == pytest.approx(fp32[0]["loss"], rel=0.05)
+    assert bf16[0]["loss_rpn_cls"] == pytest.approx(fp32[0]["loss_rpn_cls"], rel=0.01)
+    assert "scaler" not in load_checkpoint(tmp_path / "True" / "checkpoints" / "ckpt_0000003.pt")

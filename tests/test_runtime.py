@@ -263,3 +263,15 @@ def test_native_bf16_reads_the_cpu_flags(tmp_path):
     assert runtime.native_bf16({"avx2", "avx512f"}) is False
     assert runtime.native_bf16({"amx_bf16", "amx_tile"}) is True
     assert runtime.native_bf16(runtime.cpu_flags(cpuinfo=info)) is True
+
+
+def test_amp_dtype_is_float16_on_cuda_and_bfloat16_on_the_cpu_with_a_note_where_it_is_emulated():
+    messages = []
+    assert runtime.autocast_dtype(True, torch.device("cuda"), log=messages.append) == torch.float16
+    assert runtime.autocast_dtype(True, torch.device("cpu"), log=messages.append, flags={"avx512_bf16"}) \
+        == torch.bfloat16
+    assert messages == []
+    assert runtime.autocast_dtype(True, torch.device("cpu"), log=messages.append, flags={"avx2"}) == torch.bfloat16
+    assert len(messages) == 1 and "emulated" in messages[0]
+    assert runtime.autocast_dtype(True, torch.device("meta"), log=messages.append) is None
+    assert runtime.autocast_dtype(False, torch.device("cpu"), log=messages.append) is None and len(messages) == 2

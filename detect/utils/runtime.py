@@ -177,3 +177,26 @@ def native_bf16(flags: set[str] | None = None) -> bool:
     """Whether the CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16); elsewhere it is emulated, slowly."""
     flags = cpu_flags() if flags is None else flags
     return bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def autocast_dtype(amp: bool, device, *, log: Callable[[str], None] = print, flags: set[str] | None = None):
+    """The mixed-precision dtype of ``train.amp`` on ``device``: float16 on CUDA, bfloat16 on the CPU, else None.
+
+    float16 needs loss scaling (a ``GradScaler``: its 5-bit exponent underflows on small gradients);
+    bfloat16 keeps float32's exponent, so the CPU path has none. A CPU without AVX512-BF16 or AMX
+    emulates bfloat16 arithmetic: ``train.amp`` then runs, but likely slower than float32 (said once).
+    """
+    import torch
+
+    kind = getattr(device, "type", str(device))
+    if not amp:
+        return None
+    if kind == "cuda":
+        return torch.float16
+    if kind == "cpu":
+        if not native_bf16(flags):
+            log("train.amp on this CPU: bfloat16 autocast without AVX512-BF16/AMX is emulated and likely "
+                "slower than float32")
+        return torch.bfloat16
+    log(f"train.amp ignored: mixed precision on '{kind}' is not supported (CUDA: float16, CPU: bfloat16)")
+    return None
