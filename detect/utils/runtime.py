@@ -153,7 +153,7 @@ def setup_runtime(*, threads: int = 0, flush_denormal: bool = True,
     """
     import torch
 
-    # Before the thread count: threads the pool creates from now on copy this thread's flag.
+    # Threads copy their creator's flag when torch's pool starts them (at the first parallel op after this).
     supported = torch.set_flush_denormal(flush_denormal)
     count = set_threads(threads)
     flushing = bool(flush_denormal and supported and denormals_flushed(count))
