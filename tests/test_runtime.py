@@ -275,3 +275,12 @@ def test_amp_dtype_is_float16_on_cuda_and_bfloat16_on_the_cpu_with_a_note_where_
     assert len(messages) == 1 and "emulated" in messages[0]
     assert runtime.autocast_dtype(True, torch.device("meta"), log=messages.append) is None
     assert runtime.autocast_dtype(False, torch.device("cpu"), log=messages.append) is None and len(messages) == 2
+
+
+def test_the_tools_make_idle_openmp_threads_sleep_unless_told_otherwise():
+    code = "import detect.cli.eval, os\nprint(os.environ.get('OMP_WAIT_POLICY'))\n"
+    for given, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        env.update({"PYTHONPATH": str(REPO)}, **({"OMP_WAIT_POLICY": given} if given else {}))
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+        assert done.stdout.split() == [expected], done.stderr

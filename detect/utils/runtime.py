@@ -6,7 +6,9 @@ takes every core) the threads wait on each other: training ran 10x slower than w
 The default here is the physical cores this process may run on (CPU affinity, and a cgroup CPU
 quota when the container has one), shared among the processes of this node under ``torchrun``
 (``LOCAL_WORLD_SIZE``), at least 1. An explicit ``OMP_NUM_THREADS`` is respected, except under
-``torchrun``, which sets it to 1 for every process unless told otherwise.
+``torchrun``, which sets it to 1 for every process unless told otherwise. (The tools also make idle
+OpenMP threads sleep, ``OMP_WAIT_POLICY=PASSIVE``, which must happen before torch loads: see
+:mod:`detect.cli`.)
 
 Denormals. Some CPUs take ~100x longer per floating-point operation on subnormal numbers
 (|x| < 1.2e-38 in float32), and the backward pass of a convolution makes many: on a 2-core
