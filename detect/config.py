@@ -173,6 +173,9 @@ class TrainConfig:
     workers: int = 2
     amp: bool = False
     deterministic: bool = False
+    threads: int = 0               # CPU threads (0: physical cores, shared among torchrun's processes; tool: --threads)
+    flush_denormal: bool = True    # flush denormal floats to zero on the CPU (some CPUs are ~15x slower on them)
+    early_stop_patience: int = 0   # stop after this many evaluations without a better val mAP (0: never)
 
 
 @dataclass

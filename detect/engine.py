@@ -33,6 +33,7 @@ from torch import nn
 
 from detect import checkpoint as ckpt_io
 from detect import distributed
+from detect.best_checkpoint import BEST_NAME, BestModel, validation_metric
 from detect.config import Config, TrainConfig, config_to_dict
 from detect.data.loader import Batch, DetectionDataset, GroupedBatchSampler, eval_loader, train_loader
 from detect.divergence import StepGuard
@@ -40,6 +41,7 @@ from detect.errors import DetectError
 from detect.evaluation.results import detection_to_numpy
 from detect.optim import Schedule, build_optimizer, build_scheduler, lr_factor, resolve_schedule  # noqa: F401
 from detect.runlog import LOSS_NAMES, MetricsLog, ProgressBar, clean_run_dir, lock_run_dir, summarise  # noqa: F401
+from detect.utils.runtime import autocast_dtype
 
 class TrainingDiverged(DetectError):
     """``train.max_nonfinite`` bad steps in a row, or NaN/inf weights after a step (see :mod:`detect.divergence`)."""
@@ -67,14 +69,16 @@ def train_one_epoch(loss_fn: Callable, loader, optimizer, scheduler, state: Trai
                     device: torch.device, end_iter: int, params: list[nn.Parameter], guard: StepGuard,
                     scaler=None, on_step: Callable[[TrainState, dict], bool] | None = None,
                     log: Callable[[str], None] = print,
-                    loss_kwargs: dict | Callable[[list[torch.Tensor]], dict] | None = None) -> bool:
+                    loss_kwargs: dict | Callable[[list[torch.Tensor]], dict] | None = None,
+                    autocast: torch.dtype | None = None) -> bool:
     """Run the loader's batches until it ends or ``state.iteration`` reaches ``end_iter``.
 
     ``loss_fn(images, targets)`` is ``model.loss`` (or its DDP wrapper) and returns the
     four named losses; their sum is minimised. ``guard`` judges each step (:mod:`detect.divergence`).
     ``on_step`` runs after every iteration and returns True to stop. Returns True when stopped by
     ``on_step``. ``loss_kwargs`` are extra arguments of the loss (alternating training: ``stage``,
-    ``proposals``), or a function of the images that returns them.
+    ``proposals``), or a function of the images that returns them. ``autocast``: the dtype of mixed
+    precision (:func:`detect.utils.runtime.autocast_dtype`; an enabled ``scaler`` alone means float16).
     """
     for batch in loader:
         if state.iteration >= end_iter:
@@ -90,7 +94,7 @@ def train_one_epoch(loss_fn: Callable, loader, optimizer, scheduler, state: Trai
         # Every rank must take the same branch: DDP's backward is a collective.
         if distributed.all_true(len(batch) > 0):
             _step(loss_fn, batch, optimizer, state, record, cfg=cfg, device=device, params=params, guard=guard,
-                  scaler=scaler, log=log, loss_kwargs=loss_kwargs)
+                  scaler=scaler, log=log, loss_kwargs=loss_kwargs, autocast=autocast)
         else:
             record["skipped_step"] = "no readable image"
         optimizer.zero_grad(set_to_none=True)
@@ -103,13 +107,15 @@ def train_one_epoch(loss_fn: Callable, loader, optimizer, scheduler, state: Trai
 
 
 def _step(loss_fn: Callable, batch: Batch, optimizer, state: TrainState, record: dict, *, cfg: TrainConfig,
-          device: torch.device, params: list[nn.Parameter], guard: StepGuard, scaler, log, loss_kwargs) -> None:
+          device: torch.device, params: list[nn.Parameter], guard: StepGuard, scaler, log, loss_kwargs,
+          autocast: torch.dtype | None = None) -> None:
     """One optimizer step on ``batch``, or a skipped one that leaves the model as it was."""
-    amp = scaler is not None and scaler.is_enabled()
+    amp = scaler is not None and scaler.is_enabled()   # float16 loss scaling (CUDA); bfloat16 needs none
+    dtype = autocast if autocast is not None else (torch.float16 if amp else None)
     images, targets = _to_device(batch, device)
     extra = loss_kwargs(images) if callable(loss_kwargs) else (loss_kwargs or {})
     saved = guard.snapshot()
-    with torch.autocast(device.type, enabled=amp):
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         losses = loss_fn(images, targets, **extra)
     total = sum(losses.values())
     value = float(total.detach())
@@ -249,8 +255,12 @@ def fit(model: nn.Module, train_set: DetectionDataset, cfg: Config, *, out_dir: 
         stop_after: stop (as if killed, without saving) once this many iterations are done.
         loss_kwargs: extra arguments of ``model.loss`` (see :func:`train_one_epoch`).
 
+    With ``val_set`` and ``train.eval_period``, the validation split is scored every period and at the
+    end; the best weights go to ``model_best.pt`` (:mod:`detect.best_checkpoint`, early stopping too).
+
     Returns:
-        ``{"iteration", "stopped", "final_checkpoint", "history": [eval records]}``.
+        ``{"iteration", "stopped", "final_checkpoint", "history": [eval records], "early_stopped",
+        "best": {"metric", "value", "iteration", "since"} or None, "best_checkpoint": path or None}``.
 
     Raises:
         TrainingDiverged: the run diverged (see :mod:`detect.divergence`).
@@ -303,19 +313,24 @@ def _fit(model: nn.Module, train_set: DetectionDataset, cfg: Config, *, out_dir:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, tcfg)
     scheduler = build_scheduler(optimizer, tcfg, schedule)
-    amp = tcfg.amp and device.type == "cuda"
-    if tcfg.amp and not amp:
-        log("train.amp ignored: mixed precision needs CUDA")
+    precision = autocast_dtype(tcfg.amp, device, log=log)
+    amp = precision == torch.float16
     scaler, config_dict = torch.amp.GradScaler(device.type, enabled=amp), config_to_dict(cfg)
+    best = BestModel(out_dir / BEST_NAME, metric=validation_metric(cfg.test.metric), patience=tcfg.early_stop_patience)
+    if best.patience and (val_set is None or schedule.eval_period == 0):
+        log("train.early_stop_patience ignored: it counts validations (train.eval_period > 0 and a val split)")
     state = TrainState()
     if resume is not None:
         ckpt = ckpt_io.load_for_resume(resume, log=log)
         ckpt_io.check_compatible(ckpt, config=config_dict, class_names=train_set.class_names)
         guard = StepGuard(model, recent=_restore(ckpt, model, optimizer, scheduler, scaler, state, amp=amp))
+        best.restore(ckpt.get("extra", {}).get("best"), log=log)
         log(f"resumed from {ckpt['path']} at iteration {state.iteration}")
     else:
         _seed(tcfg.seed + rank)
         guard = StepGuard(model)
+        if distributed.is_main():
+            best.path.unlink(missing_ok=True)   # an earlier run's best is not this run's
     loss_fn = distributed.wrap_for_training(model, device)
     metrics = MetricsLog(out_dir, resume_at=state.iteration if resume is not None else 0,
                          enabled=distributed.is_main())
@@ -323,6 +338,7 @@ def _fit(model: nn.Module, train_set: DetectionDataset, cfg: Config, *, out_dir:
                       enabled=progress and distributed.is_main())
     history: list[dict] = []   # evaluation records
     window: list[dict] = []    # step records since the last log line
+    ended: list[int] = []      # the iteration of an early stop: a normal end, unlike stop_after
 
     def save(iteration: int) -> Path | None:
         _check_weights(guard, state, iteration, optimizer)
@@ -331,7 +347,7 @@ def _fit(model: nn.Module, train_set: DetectionDataset, cfg: Config, *, out_dir:
         path = None
         if distributed.is_main():
             extra = {"nonfinite_in_row": state.nonfinite_in_row, "bad_since": state.bad_since,
-                     "recent_losses": [list(r) for r in recent_losses]}
+                     "recent_losses": [list(r) for r in recent_losses], "best": best.state()}
             path = ckpt_io.save_periodic(out_dir / "checkpoints", iteration, tcfg.keep_checkpoints, model=model,
                                          config=config_dict, class_names=train_set.class_names,
                                          optimizer=optimizer, scheduler=scheduler, scaler=scaler if amp else None,
@@ -346,27 +362,33 @@ def _fit(model: nn.Module, train_set: DetectionDataset, cfg: Config, *, out_dir:
         if it % tcfg.log_period == 0 or it == schedule.max_iter:
             metrics.write(summarise(window, it, it / schedule.iters_per_epoch))
             window.clear()
-        if val_set is not None and schedule.eval_period > 0 and it % schedule.eval_period == 0 \
-                and it < schedule.max_iter:
-            result, _ = evaluate_split(model, val_set, device=device, metric="voc07", log=log,
-                                       batch_size=cfg.test.images_per_batch, workers=tcfg.workers)
-            entry = {"iteration": it, "split": "val", "metric": "voc07", "mAP": result["mAP"]}
-            history.append(entry)
-            metrics.write(entry)
-            log(f"iteration {it}: val VOC07 mAP {result['mAP']:.4f}")
+        if val_set is not None and schedule.eval_period > 0 and (it % schedule.eval_period == 0
+                                                                 or it == schedule.max_iter):
+            validate(it)
         if schedule.checkpoint_period > 0 and it % schedule.checkpoint_period == 0 and it < schedule.max_iter:
             save(it)
-        return stop_after is not None and it >= stop_after
+        if best.exhausted and it < schedule.max_iter and not ended:
+            ended.append(it)
+            log(f"iteration {it}: early stop: {best.since} evaluations without a better val mAP")
+        return (stop_after is not None and it >= stop_after) or bool(ended)
+
+    def validate(it: int) -> None:
+        result, _ = evaluate_split(model, val_set, device=device, metric=best.metric, log=log,
+                                   batch_size=cfg.test.images_per_batch, workers=tcfg.workers)
+        history.append(best.record(result["mAP"], it, model=model, config=config_dict,
+                                   class_names=train_set.class_names, log=log))
+        metrics.write(history[-1])
 
     stopped = False
     try:
-        while state.iteration < schedule.max_iter and not stopped:
+        while state.iteration < schedule.max_iter and not stopped and not best.exhausted:
             epoch, position = divmod(state.iteration, schedule.iters_per_epoch)
             sampler.set_epoch(epoch, position)
             loader = train_loader(train_set, sampler, workers=tcfg.workers)
             stopped = train_one_epoch(loss_fn, loader, optimizer, scheduler, state, cfg=tcfg, device=device,
                                       end_iter=schedule.max_iter, params=params, guard=guard, scaler=scaler,
-                                      on_step=on_step, log=log, loss_kwargs=loss_kwargs)
+                                      on_step=on_step, log=log, loss_kwargs=loss_kwargs, autocast=precision)
+            stopped = stopped and not ended
     except TrainingDiverged as exc:
         raise TrainingDiverged(_set_aside_diverged(str(exc), out_dir / "checkpoints", state)) from None
     finally:
@@ -379,7 +401,8 @@ def _fit(model: nn.Module, train_set: DetectionDataset, cfg: Config, *, out_dir:
             final = ckpt_io.save_checkpoint(out_dir / "model_final.pt", model=model, config=config_dict,
                                             class_names=train_set.class_names, iteration=state.iteration)
         distributed.barrier()
-    return {"iteration": state.iteration, "stopped": stopped, "final_checkpoint": final, "history": history}
+    return {"iteration": state.iteration, "stopped": stopped, "final_checkpoint": final, "history": history,
+            "early_stopped": bool(ended), **best.summary()}
 
 
 def _set_aside_diverged(message: str, directory: Path, state: TrainState) -> str:

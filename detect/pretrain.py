@@ -29,17 +29,20 @@ from detect.config import PretrainConfig
 from detect.data.image import read_image
 from detect.data.records import ImageRecord
 from detect.errors import DatasetError, ImageReadError
+from detect.runlog import ProgressBar
 
 
 def object_crops(records: list[ImageRecord], *, size: int, context: float,
-                 log: Callable[[str], None] = print) -> tuple[Tensor, Tensor]:
+                 log: Callable[[str], None] = print, progress: bool = False) -> tuple[Tensor, Tensor]:
     """Every non-difficult object cropped with ``context`` x its size on each side, warped to ``size``.
 
     Returns:
         (N, 3, size, size) uint8 RGB crops and (N,) int64 labels. Unreadable images are skipped and reported.
     """
     crops, labels = [], []
+    bar = ProgressBar(total=len(records), desc="pretraining: crops", enabled=progress)
     for record in records:
+        bar.update(1)
         keep = ~record.difficult
         if not keep.any():
             continue
@@ -59,6 +62,7 @@ def object_crops(records: list[ImageRecord], *, size: int, context: float,
             patch = np.ascontiguousarray(image[y1:y2, x1:x2])
             crops.append(cv2.resize(patch, (size, size), interpolation=cv2.INTER_LINEAR))
             labels.append(int(label))
+    bar.close()
     if not crops:
         raise DatasetError("pretraining: the training split has no non-difficult object to crop")
     return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels, dtype=torch.int64)
@@ -81,14 +85,18 @@ class CropClassifier(nn.Module):
 
 
 def pretrain_trunk(backbone: Backbone, records: list[ImageRecord], num_classes: int, cfg: PretrainConfig, *,
-                   device: torch.device | str = "cpu", log: Callable[[str], None] = print) -> dict:
+                   device: torch.device | str = "cpu", log: Callable[[str], None] = print,
+                   progress: bool = True) -> dict:
     """Train ``backbone.trunk`` in place as a crop classifier; return ``{"steps", "crops", "accuracy", "seconds"}``.
 
     AdamW with a one-cycle schedule, random horizontal flips; ``accuracy`` is measured on
-    a held-out tenth of the crops (seeded split) at the end.
+    a held-out tenth of the crops (seeded split) at the end. ``progress``: bars with rate and ETA
+    for the cropping and the steps (stderr).
     """
     start = time.perf_counter()
-    crops, labels = object_crops(records, size=cfg.crop_size, context=cfg.context, log=log)
+    log(f"pretraining: cropping the objects of {len(records)} training images ({cfg.context:g} context per side, "
+        f"warped to {cfg.crop_size} px)")
+    crops, labels = object_crops(records, size=cfg.crop_size, context=cfg.context, log=log, progress=progress)
     generator = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(labels), generator=generator)
     held = order[: len(labels) // 10]
@@ -97,7 +105,11 @@ def pretrain_trunk(backbone: Backbone, records: list[ImageRecord], num_classes: 
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
+    log(f"pretraining: the trunk learns the {num_classes} classes from {len(train)} crops ({cfg.steps} steps of "
+        f"{min(cfg.batch_size, len(train))}; {len(held)} held out)")
+    bar = ProgressBar(total=cfg.steps, desc="pretraining: trunk", enabled=progress)
     for _ in range(cfg.steps):
+        step_start = time.perf_counter()
         pick = train[torch.randint(len(train), (min(cfg.batch_size, len(train)),), generator=generator)]
         x = crops[pick].to(device)
         if cfg.scales:      # objects meet the detector at many sizes: train the trunk on several
@@ -110,7 +122,11 @@ def pretrain_trunk(backbone: Backbone, records: list[ImageRecord], num_classes: 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if progress:   # reading the loss waits for a GPU: only for the bar
+            bar.update(1, {"lr": schedule.get_last_lr()[0], "loss": float(loss.detach()), "images": len(pick),
+                           "time": time.perf_counter() - step_start})
         schedule.step()
+    bar.close()
     accuracy = float("nan")
     if len(held):
         net.eval()

@@ -194,4 +194,8 @@ class RoIPool(ops.RoIPool):
                 and not (torch.is_grad_enabled() and input.requires_grad))
         if fast:
             return roi_max_pool(input, rois, self.output_size, self.spatial_scale)
+        if input.device.type == "cpu" and input.dtype in (torch.bfloat16, torch.float16):
+            # bfloat16 autocast (train.amp on a CPU): torchvision's CPU kernel is float32/64 only
+            rois = rois.float() if torch.is_tensor(rois) else [r.float() for r in rois]
+            return super().forward(input.float(), rois)
         return super().forward(input, rois)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from detect.cli.common import add_runtime_args
 from detect.errors import DetectError
 
 
@@ -255,14 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--count", type=int, default=20, help="number of boxes drawn")
     show.add_argument("--out", help="output PNG (default: <image>_proposals.png)")
     show.set_defaults(func=cmd_show)
+    for command in (compute, merge, evaluate, show):
+        add_runtime_args(command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from detect.cli.common import run_cli
+    from detect.cli.common import apply_runtime, run_cli
 
     args = build_parser().parse_args(argv)
-    return run_cli(lambda: args.func(args), interrupted="interrupted: rerun the same command to resume")
+    return run_cli(lambda: (apply_runtime(args), args.func(args))[1],
+                   interrupted="interrupted: rerun the same command to resume")
 
 
 if __name__ == "__main__":

@@ -130,3 +130,21 @@ def fake_config(**train) -> Config:
 
 def fake_dataset(folder: Path, count: int = 12, *, train: bool = True) -> DetectionDataset:
     return DetectionDataset(write_images(folder, count), CLASSES, train=train)
+
+
+class ScriptedValidation:
+    """Stands in for ``detect.engine.evaluate_split``: the n-th call scores ``values[n]`` and keeps the weights it saw.
+
+    Lets a test choose the validation mAP sequence of a run (best-model and early-stopping tests).
+    """
+
+    def __init__(self, values: list[float]):
+        self.values = list(values)
+        self.weights: list[dict] = []    # the model's state dict at each call
+        self.metrics: list[str] = []     # the metric each call was asked for
+
+    def __call__(self, model, dataset, *, metric="voc07", **kwargs):
+        self.weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        self.metrics.append(metric)
+        value = self.values[len(self.weights) - 1]
+        return {"mAP": value, "per_class": {}}, {}

@@ -49,6 +49,24 @@ def test_pretraining_learns_the_classes_and_changes_only_the_trunk(tmp_path):
     assert all(torch.equal(v, head_before[k]) for k, v in head.state_dict().items())
 
 
+def test_pretraining_says_what_it_does_and_shows_progress_with_rate_and_eta(tmp_path, capsys):
+    """Issue 14.5: a stage of minutes must not be silent (catches a bar that is never created or never advanced)."""
+    records = write_images(tmp_path / "img", 20)
+    backbone, _ = build_backbone("tiny8", freeze_bn=False)
+    messages = []
+    cfg = PretrainConfig(steps=12, crop_size=24, batch_size=8)
+    pretrain_trunk(backbone, records, len(CLASSES), cfg, log=messages.append, progress=True)
+    assert messages[0].startswith("pretraining: cropping the objects of 20 training images")
+    assert messages[1].startswith("pretraining: the trunk learns the 3 classes from 18 crops (12 steps of 8")
+    err = capsys.readouterr().err
+    assert "pretraining: crops" in err and "20/20" in err
+    trunk = err[err.index("pretraining: trunk"):]
+    assert "12/12" in trunk and ("it/s" in trunk or "s/it" in trunk) and "loss=" in trunk
+    assert "<" in trunk          # tqdm's elapsed<remaining: the ETA
+    pretrain_trunk(backbone, records, len(CLASSES), cfg, log=messages.append, progress=False)
+    assert "pretraining" not in capsys.readouterr().err
+
+
 def test_train_tool_pretrains_first_and_refuses_alternating(tmp_path, capsys):
     from detect.cli import train
 

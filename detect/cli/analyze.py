@@ -35,7 +35,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from detect.cli.common import run_cli
+from detect.cli.common import add_runtime_args, apply_runtime, run_cli
 from detect.errors import CheckpointError, DetectError
 
 
@@ -82,6 +82,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
     parser.add_argument("--no-progress", action="store_true")
+    add_runtime_args(parser)
     return parser.parse_args(argv)
 
 
@@ -100,6 +101,7 @@ def _training_log(spec: str | None, checkpoint: Path) -> Path | None:
 
 def run(args: argparse.Namespace) -> Path:
     """Predict on the split and write the report; returns the path of ``index.html``."""
+    apply_runtime(args)
     from detect.analysis.error_analysis import parse_similar_groups
     from detect.analysis.report import ReportOptions, build_report
     from detect.build import model_from_checkpoint

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from detect.cli.common import run_cli
+from detect.cli.common import add_runtime_args, apply_runtime, run_cli
 from detect.errors import ConfigError
 from detect.utils.speed import add_sums, per_image, time_images, timed_selective_search, warm_up
 
@@ -85,11 +85,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="stage times from the wall clock or from this process's CPU time (a shared machine)")
     ladder.add_argument("--no-warmup", dest="warmup", action="store_false",
                         help="time from the first call (default: one untimed prediction per pipeline first)")
-    ladder.add_argument("--threads", type=int, default=0, help="torch and OpenCV threads (0: leave as is)")
     ladder.add_argument("--out", type=Path, default=None, help="write the markdown table here")
     ladder.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of every config, e.g. data.root=/data/VOC2007")
     ladder.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    add_runtime_args(ladder)
     return parser.parse_args(argv)
 
 
@@ -153,11 +153,7 @@ def run(args: argparse.Namespace) -> dict:
     from detect.evaluation import evaluate
     from detect.utils.io import atomic_write_text
 
-    if args.threads > 0:
-        import cv2
-
-        torch.set_num_threads(args.threads)
-        cv2.setNumThreads(args.threads)
+    apply_runtime(args)
     given = [key for key in PIPELINE_OF if getattr(args, key) is not None]
     if args.from_configs is not None and given:
         raise ConfigError("ladder: give checkpoints (--rcnn/--fast/--faster) or --from-configs, not both")

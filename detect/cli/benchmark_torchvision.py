@@ -178,8 +178,8 @@ def measure(spec: dict) -> dict:
     """One timed measurement: ``spec`` names the detector ("ours"/"torchvision") and phase ("inference"/"train")."""
     import torch
 
-    if spec["threads"]:
-        torch.set_num_threads(spec["threads"])
+    from detect.utils.runtime import setup_runtime   # flush-to-zero for both detectors alike (issue 15.6)
+    setup_runtime(threads=spec["threads"] or torch.get_num_threads())
     device = torch.device(spec["device"])
     ours, theirs, _ = build_pair(spec["setting"], 5, spec["overrides"], spec["size"])
     model = (ours if spec["model"] == "ours" else theirs).to(device)
@@ -317,8 +317,8 @@ def run(args: argparse.Namespace) -> str:
 
     settings = args.setting or ["tiny"]
     rows: list[list[str]] = []
-    if args.threads:              # the accuracy mode trains here; speed workers set their own
-        torch.set_num_threads(args.threads)
+    from detect.utils.runtime import setup_runtime   # the accuracy mode trains here; speed workers set their own
+    setup_runtime(threads=args.threads or torch.get_num_threads())
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         if args.mode == "speed":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from detect.cli.common import add_runtime_args, apply_runtime
 from detect.data.checks import check_voc
 from detect.errors import DetectError
 from detect.utils.io import atomic_write_json
@@ -24,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--strict", action="store_true",
                         help="notes (empty images, boxes crossing the border) count as problems")
     parser.add_argument("--max-per-kind", type=int, default=20, help="lines printed per kind of problem (default: 20)")
+    add_runtime_args(parser)
     return parser
 
 
@@ -32,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exc:      # argparse already printed the usage message
         return 0 if exc.code == 0 else 2
+    apply_runtime(args)
     classes = args.classes if args.classes in ("auto", "voc") else [c.strip() for c in args.classes.split(",") if c.strip()]
     try:
         if not classes:

@@ -1,10 +1,15 @@
-"""Shared plumbing of the command-line tools: one-line errors and exit codes."""
+"""Shared plumbing of the command-line tools: one-line errors and exit codes, the CPU runtime flags."""
 
 from __future__ import annotations
 
+import argparse
 import errno
 import sys
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from detect.config import TrainConfig
+    from detect.utils.runtime import Runtime
 
 from detect.errors import DetectError
 from detect.evaluation import METRIC_NAMES, format_ap  # noqa: F401  (the tools' tables)
@@ -58,3 +63,39 @@ def run_distributed_cli(run: Callable[[], object]) -> int:
         return 0
 
     return run_cli(body)
+
+
+def _thread_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of threads >= 0 (0: automatic), got {text!r}")
+    return value
+
+
+def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    """``--threads N`` and ``--no-flush-denormal``, applied by :func:`apply_runtime` (see detect.utils.runtime)."""
+    group = parser.add_argument_group("CPU runtime")
+    group.add_argument("--threads", type=_thread_count, default=None, metavar="N",
+                       help="CPU threads of torch and OpenCV (default: train.threads where the tool has a config, "
+                            "else 0 = automatic: the physical cores, shared among torchrun's processes)")
+    group.add_argument("--no-flush-denormal", dest="flush_denormal", action="store_false", default=None,
+                       help="keep denormal floats (default: flushed to zero, train.flush_denormal)")
+
+
+def apply_runtime(args: argparse.Namespace, train: "TrainConfig | None" = None) -> "Runtime":
+    """Set the threads and denormal mode from the flags of :func:`add_runtime_args`; call it first.
+
+    With a training config the flags override ``train.threads`` / ``train.flush_denormal`` and are
+    written into it, so the run's resolved ``config.yaml`` records what was used.
+    """
+    from detect.utils.runtime import setup_runtime
+
+    threads, flush = getattr(args, "threads", None), getattr(args, "flush_denormal", None)
+    if train is not None:
+        train.threads = train.threads if threads is None else threads
+        train.flush_denormal = train.flush_denormal if flush is None else flush
+        threads, flush = train.threads, train.flush_denormal
+    return setup_runtime(threads=threads or 0, flush_denormal=True if flush is None else flush)

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from detect.cli.common import run_cli
+from detect.cli.common import add_runtime_args, apply_runtime, run_cli
 from detect.errors import ConfigError
 
 
@@ -32,6 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--no-eval", action="store_true", help="only write the compressed model")
+    add_runtime_args(parser)
     return parser.parse_args(argv)
 
 
@@ -54,6 +55,7 @@ def run(args: argparse.Namespace) -> dict:
     from detect.distributed import resolve_device
     from detect.svd import compress_fc, fc_layers
 
+    apply_runtime(args)
     device = resolve_device(args.device)
     model, cfg, ckpt = model_from_checkpoint(args.checkpoint, overrides=args.overrides, device=device)
     if cfg.model.pipeline != "fast_rcnn":

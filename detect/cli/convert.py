@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from detect.cli.common import run_cli
+from detect.cli.common import add_runtime_args, apply_runtime, run_cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     spl.add_argument("--val", type=float, default=0.2, help="fraction of the images for val (default 0.2)")
     spl.add_argument("--seed", type=int, default=0)
     spl.add_argument("--overwrite", action="store_true", help="replace existing split files")
+    for command in (v2c, c2v, spl):
+        add_runtime_args(command)
     return parser.parse_args(argv)
 
 
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> int:
+        apply_runtime(args)
         from detect.data.convert import coco_to_voc, make_splits, voc_to_coco
 
         if args.command == "splits":

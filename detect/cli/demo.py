@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from detect.cli.common import run_cli
+from detect.cli.common import add_runtime_args, apply_runtime, run_cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,6 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "score on every box (score), class only (class), or none")
     parser.add_argument("--legend", action="store_true", help="also draw a class -> colour legend in a corner")
     parser.add_argument("--no-progress", action="store_true")
+    add_runtime_args(parser)
     return parser.parse_args(argv)
 
 
@@ -56,6 +57,7 @@ def _save_image(image: np.ndarray, path: Path) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """Run the demo; returns the content of ``detections.json``."""
+    apply_runtime(args)
     from tqdm import tqdm
 
     from detect.build import model_from_checkpoint

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from detect.cli.common import format_ap, run_cli
+from detect.cli.common import add_runtime_args, apply_runtime, format_ap, run_cli
 from detect.data.voc import from_voc_pixels
 from detect.errors import DetectError
 
@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--python-port", action="store_true",
                         help="reproduce py-faster-rcnn's voc_eval.py (IoU > 0.5 strictly, unstable sort) instead of the devkit")
     parser.add_argument("--json", type=Path, default=None, help="write the metrics as JSON here")
+    add_runtime_args(parser)
     args = parser.parse_args(argv)
     if args.metric is None:
         args.metric = "coco" if args.coco is not None else "voc07"
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from detect.utils.io import atomic_write_json
 
+        apply_runtime(args)
         results = evaluate_files(args)
         for result in results.values():
             print(format_table(result))

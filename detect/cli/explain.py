@@ -18,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-from detect.cli.common import run_cli
+from detect.cli.common import add_runtime_args, apply_runtime, run_cli
 from detect.errors import DetectError
 
 
@@ -48,6 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the stored config")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    add_runtime_args(parser)
     return parser.parse_args(argv)
 
 
@@ -104,6 +105,7 @@ def deconvnet(args, model, image) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
+    apply_runtime(args)
     from detect.build import model_from_checkpoint
     from detect.data.image import read_image
     from detect.data.loader import image_to_tensor

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from detect.cli.common import add_runtime_args, apply_runtime
 from detect.data.synthetic import STYLES, SYNTHETIC_CLASSES, generate_synthetic
 from detect.errors import DetectError
 
@@ -23,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
                              "smooth background (default: cluttered)")
     parser.add_argument("--workers", type=int, default=1, help="processes drawing images (same files; default: 1)")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset made with other parameters")
+    add_runtime_args(parser)
     return parser
 
 
@@ -31,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exc:
         return 0 if exc.code == 0 else 2
+    apply_runtime(args)
     try:
         root = generate_synthetic(args.out, args.images, args.seed, min_side=args.min_side, max_side=args.max_side,
                                   max_objects=args.max_objects, empty_fraction=args.empty_fraction,

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from detect.cli.common import run_cli
+from detect.cli.common import add_runtime_args, apply_runtime, run_cli
 from detect.errors import DetectError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "faster_rcnn" / "tiny_synthetic.yaml"
@@ -39,6 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--processes", type=int, default=1,
                         help="training processes (CPU: torchrun; 0: one per image of the batch, up to the cores)")
+    add_runtime_args(parser)
     args = parser.parse_args(argv)
     if args.processes < 0:
         parser.error(f"--processes must be 0 or more, got {args.processes}")
@@ -75,12 +76,19 @@ def train_in_processes(train_args: list[str], processes: int, cores: int) -> Non
                           f"--processes 1 trains in one process")
 
 
+def runtime_flags(args: argparse.Namespace) -> list[str]:
+    """The ``--threads`` / ``--no-flush-denormal`` given to the quickstart, for the tools it calls."""
+    return ([] if args.threads is None else ["--threads", str(args.threads)]) + \
+        ([] if args.flush_denormal is None else ["--no-flush-denormal"])
+
+
 def run(args: argparse.Namespace) -> dict:
     from detect import load_config
     from detect.cli import demo, test, train
     from detect.data.loader import ensure_synthetic
     from detect.data.voc import find_image, read_split
 
+    apply_runtime(args)
     start, cpu_start = time.perf_counter(), _cpu_seconds()
     cfg = load_config(args.config, args.overrides)
     root = ensure_synthetic(cfg.data)
@@ -88,9 +96,9 @@ def run(args: argparse.Namespace) -> dict:
 
     print("[2/4] training")
     train_dir = args.out / "train"
+    common = ["--device", args.device, *runtime_flags(args), *(["--no-progress"] if args.no_progress else [])]
     train_args = ["--config", str(args.config), "--out", str(train_dir), "--overwrite", "--no-test",
-                  "--device", args.device, *(f"--set={o}" for o in args.overrides),
-                  *(["--no-progress"] if args.no_progress else [])]
+                  *(f"--set={o}" for o in args.overrides), *common]
     cores = os.cpu_count() or 1
     processes = training_processes(args.processes, args.device, cfg.train.images_per_batch, cores)
     if processes > 1:
@@ -102,8 +110,7 @@ def run(args: argparse.Namespace) -> dict:
     print("[3/4] testing")
     checkpoint = train_dir / "model_final.pt"
     report = test.run(test.parse_args(["--checkpoint", str(checkpoint), "--split", cfg.data.test_split,
-                                       "--metric", "voc07", "--out", str(args.out / "test"), "--device", args.device,
-                                       *(["--no-progress"] if args.no_progress else [])]))
+                                       "--metric", "voc07", "--out", str(args.out / "test"), *common]))
 
     print("[4/4] demo on the test images")
     images = args.out / "test_images"
@@ -114,7 +121,7 @@ def run(args: argparse.Namespace) -> dict:
         shutil.copyfile(source, images / source.name)
     drawn = args.out / "demo"
     demo.run(demo.parse_args(["--checkpoint", str(checkpoint), "--images", str(images), "--out", str(drawn),
-                              "--device", args.device, *(["--no-progress"] if args.no_progress else [])]))
+                              *common]))
 
     mean_ap = report["metrics"]["voc07"]["mAP"]
     minutes = (time.perf_counter() - start) / 60

@@ -21,7 +21,7 @@ import sys
 
 import numpy as np
 
-from detect.cli.common import run_cli
+from detect.cli.common import add_runtime_args, apply_runtime, run_cli
 from detect.input_size import (anchor_coverage, resized_box_shapes, size_statistics, suggest_anchors,
                                   suggest_input_size)
 
@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="config override, e.g. model.input.min_size=[800] (repeatable)")
     parser.add_argument("--sizes", type=int, default=None, help="anchor sizes to suggest (default: as configured)")
     parser.add_argument("--ratios", type=int, default=None, help="aspect ratios to suggest (default: as configured)")
+    add_runtime_args(parser)
     return parser
 
 
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if exc.code == 0 else 2
 
     def body() -> int:
+        apply_runtime(args)
         cfg, records, class_names, where = _load(args)
         _report(cfg, records, class_names, where, args.sizes or len(cfg.model.anchors.sizes),
                 args.ratios or len(cfg.model.anchors.ratios))

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from detect import distributed
-from detect.cli.common import format_ap, run_distributed_cli
+from detect.cli.common import add_runtime_args, apply_runtime, format_ap, run_distributed_cli
 from detect.errors import CheckpointError
 
 METRICS = ("voc07", "voc10", "coco", "all")
@@ -33,6 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
     parser.add_argument("--no-progress", action="store_true")
+    add_runtime_args(parser)
     return parser.parse_args(argv)
 
 
@@ -54,6 +55,7 @@ def speed_report(timings: dict) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     """Evaluate as ``args`` say; returns the metrics dict written to ``metrics.json``."""
+    apply_runtime(args)
     from detect.build import model_from_checkpoint
     from detect.data.loader import build_dataset
     from detect.data.loader import eval_loader

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from detect import distributed
-from detect.cli.common import run_distributed_cli
+from detect.cli.common import add_runtime_args, apply_runtime, run_distributed_cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,6 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-test", action="store_true", help="skip the final evaluation on the test split")
     parser.add_argument("--print-config", nargs="?", const="text", choices=("text", "markdown"), default=None,
                         help="print every config key (type, value after --set, meaning) and exit; 'markdown': as a table")
+    add_runtime_args(parser)
     return parser.parse_args(argv)
 
 
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print_config(cfg, args.print_config)
             return {}
+        apply_runtime(args, cfg.train)     # first: threads and denormals before any work
         info = distributed.init_from_env(args.device)
         return train(cfg, RunOptions(out=args.out or Path("runs") / args.config.stem, device=info.device,
                                      resume=args.resume, overwrite=args.overwrite, strict=args.strict,

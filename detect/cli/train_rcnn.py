@@ -23,7 +23,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from detect.cli.common import run_cli
+from detect.cli.common import add_runtime_args, apply_runtime, run_cli
 from detect.errors import ConfigError
 
 STAGES = ("finetune", "features", "svm", "bbox")
@@ -42,6 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--no-test", action="store_true", help="skip the final evaluation on the test split")
     parser.add_argument("--no-progress", action="store_true")
+    add_runtime_args(parser)
     return parser.parse_args(argv)
 
 
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.model.pipeline != "rcnn":
             raise ConfigError(f"{args.config}: model.pipeline is '{cfg.model.pipeline}'; tools/train_rcnn.py trains "
                               "'rcnn' (use tools/train.py for the others)")
+        apply_runtime(args, cfg.train)
         train(cfg, RunOptions(out=args.out or Path("runs") / args.config.stem, device=resolve_device(args.device),
                               resume="auto" if args.resume else None, test=not args.no_test,
                               progress=not args.no_progress, log=log, stages=stages, checkpoint=args.checkpoint,
