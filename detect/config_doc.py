@@ -113,6 +113,9 @@ HELP: dict[str, str] = {
     "train.workers": "DataLoader worker processes (0: decode in the training process)",
     "train.amp": "mixed precision (CUDA only)",
     "train.deterministic": "deterministic kernels (slower; bitwise-repeatable runs)",
+    "train.threads": "CPU threads of torch and OpenCV (0: the physical cores, shared among torchrun's local processes; tools: --threads)",
+    "train.flush_denormal": "flush denormal floats to zero on the CPU (some CPUs run ~15x slower on them; tools: --no-flush-denormal)",
+    "train.early_stop_patience": "stop after this many validation evaluations without a better mAP (0: never); model_best.pt keeps the best",
     # pretrain
     "pretrain.steps": "steps of trunk pre-training as a classifier of ground-truth crops; 0: none",
     "pretrain.crop_size": "crops are warped to this square size",
@@ -163,6 +166,7 @@ HELP: dict[str, str] = {
     "rcnn.feature_layer": "SVM features: fc7 or pool5",
     "rcnn.feature_cache": "folder of the stage-2 feature cache; empty: <run>/features",
     "rcnn.score_thresh": "testing: detections with an SVM score below this are dropped",
+    "rcnn.finetune_score_thresh": "testing before the SVMs are trained (stage 3): minimum fine-tuned softmax score",
     "rcnn.nms_thresh": "testing: IoU of the per-class NMS",
     "rcnn.detections_per_img": "testing: most detections kept per image",
     "rcnn.svm.C": "SVM regularisation C (liblinear)",
