@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-test", action="store_true", help="skip the final evaluation on the test split")
+    parser.add_argument("--proposals-limit", type=int, default=None, metavar="N",
+                        help="selective-search boxes kept per image in the store (same as --set proposals.top_k=N)")
     return parser.parse_args(argv)
 
 
@@ -95,6 +97,7 @@ def run(args: argparse.Namespace) -> dict:
     from detect.runlog import lock_run_dir
 
     overrides = list(args.overrides) + (["train.amp=true"] if args.amp else [])
+    overrides += [f"proposals.top_k={args.proposals_limit}"] if args.proposals_limit is not None else []
     cfg = load_config(args.config, overrides)
     info = distributed.init_from_env(args.device)
     out = args.out or Path("runs") / args.config.stem
