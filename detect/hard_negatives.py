@@ -76,14 +76,18 @@ class NegativeCache:
     """One class's cache of hard negatives: their features and ``(image, row)`` keys, grown in place.
 
     Rows are appended to a buffer that doubles when full, so adding n rows costs O(n); concatenating the
-    whole cache for each image (what made the mining quadratic in the images) is avoided.
+    whole cache for each image (what made the mining quadratic in the images) is avoided. The rows are
+    kept as given, unscaled, in their own dtype (float16 from the feature cache or the streaming
+    mode: half the memory of float32); the miner scales a copy when it trains, which gives the same
+    float32 values as scaling them on the way in.
 
     Args:
         dim: D, the feature length.
+        dtype: the rows' dtype (an empty cache takes that of the first rows added).
     """
 
-    def __init__(self, *, dim: int) -> None:
-        self._x = np.zeros((0, dim), np.float32)
+    def __init__(self, *, dim: int, dtype=np.float32) -> None:
+        self._x = np.zeros((0, dim), dtype)
         self._keys = np.zeros((0, 2), np.int64)
         self.size = 0
         self._members: set[tuple[int, int]] | None = None   # built only when a later pass revisits an image
@@ -93,7 +97,7 @@ class NegativeCache:
 
     @property
     def x(self) -> np.ndarray:
-        """(K, D) float32: the cached negatives' features."""
+        """(K, D): the cached negatives' features (unscaled)."""
         return self._x[: self.size]
 
     @property
@@ -104,9 +108,11 @@ class NegativeCache:
     def add(self, x: np.ndarray, keys: np.ndarray) -> None:
         """Append (n, D) features with their (n, 2) keys."""
         need = self.size + len(x)
+        if not self.size and x.dtype != self._x.dtype:
+            self._x = np.zeros((0, self._x.shape[1]), x.dtype)
         if need > len(self._x):
             capacity = max(need, 2 * len(self._x), 256)
-            grown_x = np.empty((capacity, self._x.shape[1]), np.float32)
+            grown_x = np.empty((capacity, self._x.shape[1]), self._x.dtype)
             grown_keys = np.empty((capacity, 2), np.int64)
             grown_x[: self.size], grown_keys[: self.size] = self.x, self.keys
             self._x, self._keys = grown_x, grown_keys
@@ -308,14 +314,15 @@ class _Miner:
 
     def retrain(self, c: int) -> None:
         cache, result = self.caches[c], self.result
-        w, b = fit_linear_svm(self.pos[c], cache.x, seed=self.seed + c, tol=self.m.tol, max_iter=self.m.max_iter,
+        negatives = np.asarray(cache.x, dtype=np.float32) * self.scale
+        w, b = fit_linear_svm(self.pos[c], negatives, seed=self.seed + c, tol=self.m.tol, max_iter=self.m.max_iter,
                               **self.svm_args)
         result.weight[c], result.bias[c], result.fitted[c] = w, b, True
         result.trained_rows.append(len(self.pos[c]) + len(cache))
         result.retrainings += 1
         self.fits[c] += 1
         self.last_size[c], self.added[c] = len(self.pos[c]) + len(cache), 0
-        cache.evict(cache.x @ w + b >= self.m.easy_thresh)
+        cache.evict(negatives @ w + b >= self.m.easy_thresh)
         result.scored_rows += self.last_size[c] - len(self.pos[c])
 
     def retrain_due(self, *, first: bool = False, final: bool = False) -> None:
@@ -341,7 +348,8 @@ class _Miner:
             rows = np.flatnonzero(negative.any(axis=1))
             if not len(rows):
                 continue
-            x = np.asarray(img.features[rows], dtype=np.float32) * self.scale
+            given = np.asarray(img.features[rows])
+            x = np.asarray(given, dtype=np.float32) * self.scale
             hard = negative[rows] & (x @ weight + bias > m.hard_thresh)
             self.result.scored_rows += int(negative.sum())
             for k, c in enumerate(active):
@@ -350,7 +358,7 @@ class _Miner:
                     idx = idx[np.isin(rows[idx], self.caches[c].missing(i, rows[idx]))]
                 if len(idx):
                     keys = np.stack([np.full(len(idx), i), rows[idx]], axis=1).astype(np.int64)
-                    self.caches[c].add(x[idx], keys)
+                    self.caches[c].add(given[idx], keys)
                     self.mined[c].append(keys)
                     self.added[c] += len(keys)
 

@@ -43,7 +43,8 @@ class StreamingResult:
 
     Attributes:
         svm: the mining's result (already loaded into the model); scale: the feature scale.
-        regression: stage 4's rows per image, for :func:`detect.rcnn_training.fit_regression_rows`.
+        regression: stage 4's rows per image, for :func:`detect.rcnn_training.fit_regression_rows` (none
+            when ``rcnn.bbox_reg.enabled`` is false).
         failed: {image_id: reason} of the images skipped (unreadable).
         peak_bytes: the most bytes of features and rows held at once: ground-truth rows, positives, the
             caches' buffers, stage 4's rows and the batch being mined (not the CNN's own activations).
@@ -114,7 +115,7 @@ def fit_svms_streaming(model: torch.nn.Module, records, cfg, *, device: torch.de
 
     def batches(epoch: int):
         for indices in image_batches(len(truth), mining_settings(cfg).batch_images):
-            yield [(j, _stream_image(parts, truth[j], read, cfg.rcnn.bbox_reg.min_overlap, out, epoch == 0))
+            yield [(j, _stream_image(parts, truth[j], read, cfg.rcnn.bbox_reg, out, first_pass=epoch == 0))
                    for j in indices]
 
     def measure(batch: Batch, miner_bytes: int) -> None:
@@ -188,19 +189,24 @@ def _same_rows(parts: RCNNParts, t: _GroundTruth, read: dict):
     return rows
 
 
-def _stream_image(parts: RCNNParts, t: _GroundTruth, read: dict, min_overlap: float, out: StreamingResult,
-                  keep_regression: bool) -> ImageFeatures:
-    """One image's rows for the mining: ground-truth features from pass 1, proposal features computed now."""
+def _stream_image(parts: RCNNParts, t: _GroundTruth, read: dict, bbox_reg, out: StreamingResult, *,
+                  first_pass: bool) -> ImageFeatures:
+    """One image's rows for the mining: ground-truth features from pass 1, proposal features computed now.
+
+    In the first pass the pool5 rows of stage 4 are kept (if ``bbox_reg.enabled``) and the image's share
+    of a full cache is counted.
+    """
     rows = _same_rows(parts, t, read)
     pool5, fc7 = parts.region_features(rows.image, rows.boxes[rows.num_gt:])
     features = np.concatenate([t.features, _half(parts.svm_features(pool5, fc7))])
     overlaps = rows.overlaps.cpu().numpy()
-    if keep_regression:
-        keep = regression_row_indices(rows.overlaps, min_overlap).numpy()
+    if first_pass:
+        keep = regression_row_indices(rows.overlaps, bbox_reg.min_overlap).numpy()
         gt_keep, prop_keep = keep[keep < rows.num_gt], keep[keep >= rows.num_gt] - rows.num_gt
         pool5_rows = np.concatenate([t.pool5[gt_keep], _half(pool5[torch.from_numpy(prop_keep).to(pool5.device)])])
         boxes = rows.boxes.cpu().numpy()
-        out.regression.append(RegressionRows(boxes[keep], pool5_rows, boxes[: rows.num_gt], t.gt_classes))
+        if bbox_reg.enabled:
+            out.regression.append(RegressionRows(boxes[keep], pool5_rows, boxes[: rows.num_gt], t.gt_classes))
         out.full_cache_bytes += (features.nbytes + pool5_rows.nbytes + boxes.nbytes + overlaps.nbytes
                                  + len(boxes) * 8 + len(keep) * 8)
     return ImageFeatures(features, rows.gt_classes.cpu().numpy(), overlaps)

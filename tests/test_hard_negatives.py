@@ -129,3 +129,20 @@ def test_a_second_pass_never_caches_a_negative_twice():
     mined = [tuple(k) for k in result.mined_keys[0].tolist()]
     assert len(mined) == len(set(mined)) and planted <= set(mined)
     assert {tuple(k) for k in result.cache_keys[0].tolist()} == planted
+
+
+def test_float16_rows_are_cached_as_float16_and_give_the_same_svms():
+    """The cache keeps rows unscaled in their dtype (float16 from the feature cache: half the bytes) and scales a
+    copy to train. Catches a cache that forgets the scale or applies it twice (the SVMs would differ)."""
+    images, planted = _separable_images(12, np.random.default_rng(5), hard_at=(4, 9))
+    half = [ImageFeatures(img.features.astype(np.float16), img.gt_classes, img.overlaps) for img in images]
+    rounded = [ImageFeatures(img.features.astype(np.float32), img.gt_classes, img.overlaps) for img in half]
+    prescaled = [ImageFeatures(img.features * 1.7, img.gt_classes, img.overlaps) for img in rounded]
+    runs = [train_svms(x, 2, C=10.0, retrain_limit=3, batch_images=2, scale=scale, log=lambda m: None)
+            for x, scale in ((half, 1.7), (rounded, 1.7), (prescaled, 1.0))]
+    for other in runs[1:]:
+        assert runs[0].weight.tobytes() == other.weight.tobytes() and runs[0].bias.tobytes() == other.bias.tobytes()
+    assert {tuple(k) for k in runs[0].cache_keys[0].tolist()} == planted
+    positives = 12 * 2 * 4                                   # 12 float32 positives of 2 dims
+    assert runs[0].peak_bytes - positives == 256 * (2 * 2 + 16)  # one buffer of 256 float16 rows + their keys
+    assert runs[1].peak_bytes - positives == 256 * (2 * 4 + 16)

@@ -154,3 +154,9 @@ def test_streaming_holds_far_less_than_the_cache_as_images_grow(tmp_path):
     assert big.full_cache_bytes > 3.9 * small.full_cache_bytes
     assert big.peak_bytes < small.peak_bytes + 0.25 * (big.full_cache_bytes - small.full_cache_bytes)
     assert big.peak_bytes < big.full_cache_bytes / 4
+    no_bbox = _cfg(batch_images=2)
+    no_bbox.rcnn.bbox_reg.enabled = False                    # stage 4 off: its rows are not kept
+    lean = fit_svms_streaming(big_model, big_records, no_bbox, log=lambda m: None)
+    assert lean.regression == [] and lean.full_cache_bytes == big.full_cache_bytes
+    assert big.peak_bytes - sum(r.nbytes for r in big.regression) <= lean.peak_bytes < big.peak_bytes
+    assert lean.svm.weight.tobytes() == big.svm.weight.tobytes()
