@@ -48,6 +48,7 @@ class StreamingResult:
         failed: {image_id: reason} of the images skipped (unreadable).
         peak_bytes: the most bytes of features and rows held at once: ground-truth rows, positives, the
             caches' buffers, stage 4's rows and the batch being mined (not the CNN's own activations).
+        regression_bytes: the part of it that is stage 4's rows (pool5 of the rows with IoU > 0.6).
         full_cache_bytes: what a ``full`` feature cache of these images would hold (float16 features,
             pool5 rows, boxes, classes, overlaps; file headers aside).
         seconds: wall time of each pass ("ground_truth", "scale", "mining").
@@ -58,6 +59,7 @@ class StreamingResult:
     regression: list[RegressionRows] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     peak_bytes: int = 0
+    regression_bytes: int = 0
     full_cache_bytes: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -121,7 +123,7 @@ def fit_svms_streaming(model: torch.nn.Module, records, cfg, *, device: torch.de
     def measure(batch: Batch, miner_bytes: int) -> None:
         rows = sum(img.features.nbytes + img.overlaps.nbytes + img.gt_classes.nbytes for _, img in batch)
         scaled = max(img.features.size * 4 for _, img in batch)    # the float32 copy the mining scores
-        held = miner_bytes + held_truth + sum(r.nbytes for r in out.regression) + rows + scaled
+        held = miner_bytes + held_truth + out.regression_bytes + rows + scaled
         out.peak_bytes = max(out.peak_bytes, held)
 
     out.svm = mine_svms(positives, batches, num_images=len(truth), scale=scale, mining=mining_settings(cfg),
@@ -207,6 +209,7 @@ def _stream_image(parts: RCNNParts, t: _GroundTruth, read: dict, bbox_reg, out: 
         boxes = rows.boxes.cpu().numpy()
         if bbox_reg.enabled:
             out.regression.append(RegressionRows(boxes[keep], pool5_rows, boxes[: rows.num_gt], t.gt_classes))
+            out.regression_bytes += out.regression[-1].nbytes
         out.full_cache_bytes += (features.nbytes + pool5_rows.nbytes + boxes.nbytes + overlaps.nbytes
                                  + len(boxes) * 8 + len(keep) * 8)
     return ImageFeatures(features, rows.gt_classes.cpu().numpy(), overlaps)
