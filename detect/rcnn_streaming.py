@@ -103,7 +103,7 @@ def fit_svms_streaming(model: torch.nn.Module, records, cfg, *, device: torch.de
     parts.module.eval().to(device)
     read = dict(device=device, use_difficult=cfg.data.use_difficult, max_pixels=cfg.data.max_image_pixels)
     start = time.perf_counter()
-    truth, failed = _ground_truth_pass(parts, records, read, progress, log)
+    truth, failed = _ground_truth_pass(parts, records, read, cfg.rcnn.bbox_reg.enabled, progress, log)
     seconds = {"ground_truth": time.perf_counter() - start}
     start = time.perf_counter()
     scale = _scale_pass(parts, truth, cfg.rcnn.svm.feature_norm, read, progress)
@@ -137,9 +137,11 @@ def fit_svms_streaming(model: torch.nn.Module, records, cfg, *, device: torch.de
     return out
 
 
-def _ground_truth_pass(parts: RCNNParts, records, read: dict, progress: bool, log) -> tuple[list, dict]:
-    """Pass 1: each readable image's ground-truth features and row count; unreadable ones are reported."""
-    truth, failed = [], {}
+def _ground_truth_pass(parts: RCNNParts, records, read: dict, keep_pool5: bool, progress: bool,
+                       log) -> tuple[list, dict]:
+    """Pass 1: each readable image's ground-truth features (pool5 too if ``keep_pool5``: stage 4's rows) and
+    row count; unreadable ones are reported."""
+    truth, failed, boxes = [], {}, 0
     bar = ProgressBar(total=len(records), desc="svm positives", unit="img", enabled=progress)
     for record in records:
         bar.update(1)
@@ -150,9 +152,11 @@ def _ground_truth_pass(parts: RCNNParts, records, read: dict, progress: bool, lo
             log(f"features: skipped image {record.image_id}: {exc}")
             continue
         pool5, fc7 = parts.region_features(rows.image, rows.boxes[: rows.num_gt])
-        truth.append(_GroundTruth(record, _half(parts.svm_features(pool5, fc7)), _half(pool5),
+        truth.append(_GroundTruth(record, _half(parts.svm_features(pool5, fc7)),
+                                  _half(pool5 if keep_pool5 else pool5[:0]),
                                   rows.gt_classes[: rows.num_gt].cpu().numpy(), len(rows.boxes)))
-        bar.describe(f"{sum(len(t.gt_classes) for t in truth)} ground-truth boxes, {len(failed)} failed")
+        boxes += rows.num_gt
+        bar.describe(f"{boxes} ground-truth boxes, {len(failed)} failed")
     bar.close()
     return truth, failed
 
@@ -204,12 +208,13 @@ def _stream_image(parts: RCNNParts, t: _GroundTruth, read: dict, bbox_reg, out: 
     overlaps = rows.overlaps.cpu().numpy()
     if first_pass:
         keep = regression_row_indices(rows.overlaps, bbox_reg.min_overlap).numpy()
-        gt_keep, prop_keep = keep[keep < rows.num_gt], keep[keep >= rows.num_gt] - rows.num_gt
-        pool5_rows = np.concatenate([t.pool5[gt_keep], _half(pool5[torch.from_numpy(prop_keep).to(pool5.device)])])
         boxes = rows.boxes.cpu().numpy()
+        out.full_cache_bytes += (features.nbytes + len(keep) * pool5.shape[1] * 2 + boxes.nbytes + overlaps.nbytes
+                                 + len(boxes) * 8 + len(keep) * 8)
         if bbox_reg.enabled:
+            gt_keep, prop_keep = keep[keep < rows.num_gt], keep[keep >= rows.num_gt] - rows.num_gt
+            pool5_rows = np.concatenate([t.pool5[gt_keep],
+                                         _half(pool5[torch.from_numpy(prop_keep).to(pool5.device)])])
             out.regression.append(RegressionRows(boxes[keep], pool5_rows, boxes[: rows.num_gt], t.gt_classes))
             out.regression_bytes += out.regression[-1].nbytes
-        out.full_cache_bytes += (features.nbytes + pool5_rows.nbytes + boxes.nbytes + overlaps.nbytes
-                                 + len(boxes) * 8 + len(keep) * 8)
     return ImageFeatures(features, rows.gt_classes.cpu().numpy(), overlaps)
