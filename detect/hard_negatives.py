@@ -276,6 +276,7 @@ def mine_svms(positives: list[np.ndarray], batches: Callable[[int], Iterable[Bat
             bar.describe(miner.status())
         if epoch == m.epochs - 1:
             miner.retrain_due(final=True)
+            bar.describe(miner.status())
         bar.close()
         log(f"svm: hard negative pass {epoch + 1}/{m.epochs}: cache sizes {miner.status()}; "
             f"{miner.result.retrainings} retrainings")
