@@ -258,14 +258,23 @@ def build_proposal_source(cfg, kind: str, *, top_k: int, compute_missing: bool):
     return StoredProposals(stores=stores, top_k=top_k, compute=compute, compute_missing=compute_missing)
 
 
-def ensure_stored_proposals(cfg, split: str, *, workers: int = 1, progress: bool = False, log=print) -> float:
-    """Fill the store of one split with the images it lacks (resumable); returns seconds spent per new image."""
+def ensure_stored_proposals(cfg, split: str, *, workers: int | None = None, shard: tuple[int, int] = (0, 1),
+                            progress: bool = False, log=print) -> float:
+    """Fill the store of one split with the images it lacks (resumable); returns seconds spent per new image.
+
+    Says what it computes and, with ``progress``, shows a bar with the rate and the ETA. ``workers``:
+    processes (default ``train.workers``, at least 1). ``shard`` (i, n): only images i, i+n, ... (e.g.
+    torchrun's RANK/WORLD_SIZE, each rank calling this); a sharded fill leaves its part file unmerged:
+    once every shard is done, one process calls ``open_store(cfg, split).merge()``.
+    """
     from detect.data.loader import load_records
     from proposals.compute import compute_store
 
     records, _, _ = load_records(cfg, split)
     store = open_store(cfg, split)
-    summary = compute_store([(r.image_id, r.path) for r in records], store, workers=workers, progress=progress)
+    workers = max(1, cfg.train.workers if workers is None else workers)
+    summary = compute_store([(r.image_id, r.path) for r in records], store, workers=workers, shard=shard,
+                            progress=progress, log=log)
     store.close()
     if summary.failed:
         log(f"proposals: {len(summary.failed)} images failed in {store.directory}: {sorted(summary.failed)[:5]}")

@@ -1,41 +1,91 @@
-"""R-CNN's training stages 2-4 (Sec. 2.3, Appendix C): cache features, fit SVMs, fit box regressors.
+"""R-CNN's training stages 2-4 (Sec. 2.3, Appendix C): features, SVMs, box regressors; cached or streamed.
 
-Stage 1 (fine-tuning) is ordinary training of the R-CNN detector's loss (:meth:`detect.rcnn.WarpHead.loss`) by
-:func:`detect.engine.fit`. The later stages are not gradient descent, so they live
-here, each a function a test can call: :func:`extract_features` fills a
-:class:`~detect.feature_cache.FeatureCache` (resumable), :func:`fit_svm_stage` and
-:func:`fit_regression_stage` read it and load the results into the model.
+Stage 1 (fine-tuning) is ordinary training of the detector's loss (:meth:`detect.rcnn.WarpHead.loss`) by
+:func:`detect.engine.fit`. The
+later stages are not gradient descent, so they live here, each a function a test can call. Two
+modes (``rcnn.feature_cache_mode``):
+
+* ``full``: :func:`extract_features` fills a :class:`~detect.feature_cache.FeatureCache` (resumable;
+  VOC07 trainval at VGG16 fc7 is ~82 GB), then :func:`fit_svm_stage` and :func:`fit_regression_stage`
+  read it -- the paper's way.
+* ``streaming``: :func:`detect.rcnn_streaming.fit_svms_streaming` runs stages 2 and 3 together,
+  image batch by image batch: nothing is written to disk, only the positives, the current hard
+  negatives and stage 4's few pool5 rows (IoU > 0.6) are held, then :func:`fit_regression_rows` fits
+  stage 4 from those rows.
+
+Both modes mine with the same loop (:func:`detect.hard_negatives.mine_svms`) over the same image
+batches, features rounded to float16 as the cache stores them, so the same CNN outputs give bitwise
+the same SVMs. The stages reach into the model only through :func:`rcnn_parts`.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
+from torch import Tensor, nn
 from torchvision.ops import box_iou
 
 from detect.bbox_regression import fit_box_regressors
 from detect.data.image import DEFAULT_MAX_PIXELS, read_image
 from detect.data.loader import image_to_tensor
-from detect.errors import ImageReadError
-from detect.feature_cache import CachedImages, FeatureCache, weights_digest
-from detect.detector import Detector
+from detect.feature_cache import CachedImage, CachedImages, FeatureCache, weights_digest
+from detect.hard_negatives import MiningSettings, train_svms
 from detect.rcnn import region_features
-from detect.svm_heads import MiningSettings, feature_scale, train_svms
+from detect.svm_heads import feature_scale
 
 
-def cache_fingerprint(model: Detector, cfg) -> dict:
+@dataclass
+class RCNNParts:
+    """What stages 2-4 use of an R-CNN model (see :func:`rcnn_parts`).
+
+    Attributes:
+        region_features: ``(image (3, H, W), boxes (R, 4)) -> (pool5 (R, D5), fc7 (R, D))``.
+        svm_features: ``(pool5, fc7) -> (R, D)`` the SVMs' input (the configured layer).
+        proposals: the proposal source, ``([image], [image_id]) -> [boxes (P, 4)]`` best first.
+        svm, box_regressor: the heads stages 3 and 4 load their results into.
+        class_names: C names; train_proposals: the best-ranked proposals used per image (0: all).
+        weights: the modules whose weights produce the features (the cache's fingerprint).
+        module: the model itself (eval mode, device).
+    """
+
+    region_features: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+    svm_features: Callable[[Tensor, Tensor], Tensor]
+    proposals: Callable
+    svm: nn.Module
+    box_regressor: nn.Module
+    class_names: list[str]
+    train_proposals: int
+    weights: tuple[nn.Module, ...]
+    module: nn.Module
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def rcnn_parts(model: nn.Module) -> RCNNParts:
+    """The one place that knows an R-CNN detector's parts (:class:`detect.detector.Detector` with a WarpHead)."""
+    head = model.head
+    return RCNNParts(region_features=lambda image, boxes: region_features(model, image, boxes),
+                     svm_features=head.svm_features, proposals=model.proposals.source, svm=head.svm,
+                     box_regressor=head.box_regressor, class_names=list(model.class_names),
+                     train_proposals=model.proposals.train_top, weights=(model.backbone, head.box_head), module=model)
+
+
+def cache_fingerprint(model: nn.Module, cfg) -> dict:
     """What the cached features depend on: the CNN's weights, the proposal set, the warp, the layer, the classes."""
     from detect.proposal_sources import search_params_from_config
     from proposals.store import params_version
 
-    r = cfg.rcnn
-    return {"model_weights": weights_digest(model.backbone, model.head.box_head),
+    r, parts = cfg.rcnn, rcnn_parts(model)
+    return {"model_weights": weights_digest(*parts.weights),
             "proposal_set": f"{r.proposal_source}:{params_version(search_params_from_config(cfg))}:top{r.train_proposals}",
             "feature_layer": r.feature_layer, "warp": [r.crop_size, r.context_padding],
-            "classes": list(model.class_names), "pool5_min_overlap": r.bbox_reg.min_overlap}
+            "classes": list(parts.class_names), "pool5_min_overlap": r.bbox_reg.min_overlap}
 
 
 def class_overlaps(boxes: torch.Tensor, gt: torch.Tensor, gt_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -48,99 +98,177 @@ def class_overlaps(boxes: torch.Tensor, gt: torch.Tensor, gt_labels: torch.Tenso
     return out
 
 
+@dataclass
+class ImageRows:
+    """One training image and its rows: the ground-truth boxes first, then the proposals.
+
+    Attributes:
+        image: (3, H, W) in [0, 1] on the model's device.
+        boxes: (P, 4); gt_classes: (P,) int64, -1 for a proposal; overlaps: (P, C) (:func:`class_overlaps`).
+        num_gt: G, the ground-truth rows.
+    """
+
+    image: Tensor
+    boxes: Tensor
+    gt_classes: Tensor
+    overlaps: Tensor
+    num_gt: int
+
+
+def image_rows(parts: RCNNParts, record, *, device, use_difficult: bool = False,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageRows:
+    """Read one image and lay out its rows as the feature cache stores them.
+
+    Raises:
+        ImageReadError: the image is unreadable or above ``max_pixels``.
+    """
+    if not use_difficult:
+        record = record.without_difficult()
+    image = image_to_tensor(read_image(record.path, max_pixels=max_pixels)).to(device)
+    props = parts.proposals([image], [record.image_id])[0][: parts.train_proposals or None]
+    gt = torch.as_tensor(record.boxes, dtype=torch.float32, device=device).reshape(-1, 4)
+    gt_labels = torch.as_tensor(record.labels, dtype=torch.int64, device=device)
+    boxes = torch.cat([gt, props.to(device)])
+    gt_classes = torch.cat([gt_labels, gt_labels.new_full((len(props),), -1)])
+    return ImageRows(image, boxes, gt_classes, class_overlaps(boxes, gt, gt_labels, parts.num_classes), len(gt))
+
+
+def regression_row_indices(overlaps: Tensor, min_overlap: float) -> Tensor:
+    """(K,) rows whose pool5 stage 4 trains on: IoU > ``min_overlap`` with some ground-truth box."""
+    if not len(overlaps):
+        return torch.zeros(0, dtype=torch.int64)
+    return torch.nonzero(overlaps.max(dim=1).values > min_overlap).squeeze(1).cpu()
+
+
 @torch.no_grad()
-def extract_features(model: Detector, records, cache: FeatureCache, *, device: torch.device | str = "cpu",
+def extract_features(model: nn.Module, records, cache: FeatureCache, *, device: torch.device | str = "cpu",
                      use_difficult: bool = False, min_overlap: float = 0.6, max_pixels: int = DEFAULT_MAX_PIXELS,
-                     log: Callable[[str], None] = print) -> dict:
-    """Stage 2: features of the ground-truth boxes and proposals of every image into the cache.
+                     progress: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Stage 2 (``full`` mode): features of the ground-truth boxes and proposals of every image into the cache.
 
     Images already cached (and passing their checksums) are skipped, so a killed run resumes; a cached
     image whose files are corrupt is recomputed; unreadable images (or above ``max_pixels``) are skipped
-    and reported.
+    and reported. ``progress``: a bar with images/s and the ETA.
 
     Returns:
         {"computed", "skipped", "failed": {image_id: reason}, "seconds"}.
     """
-    model.eval().to(device)
+    from detect.errors import ImageReadError
+    from detect.runlog import ProgressBar
+
+    parts = rcnn_parts(model)
+    parts.module.eval().to(device)
     done = {"computed": 0, "skipped": 0, "failed": {}, "seconds": 0.0}
     start = time.perf_counter()
+    bar = ProgressBar(total=len(records), desc="features", unit="img", enabled=progress)
     for record in records:
+        bar.update(1)
         if cache.valid(record.image_id):
             done["skipped"] += 1
             continue
         if record.image_id in cache:
             log(f"features: the cached files of image {record.image_id} are corrupt; recomputing them")
-        if not use_difficult:
-            record = record.without_difficult()
         try:
-            image = image_to_tensor(read_image(record.path, max_pixels=max_pixels)).to(device)
+            rows = image_rows(parts, record, device=device, use_difficult=use_difficult, max_pixels=max_pixels)
         except ImageReadError as exc:
             done["failed"][record.image_id] = str(exc)
             log(f"features: skipped image {record.image_id}: {exc}")
             continue
-        props = model.proposals.source([image], [record.image_id])[0][: model.proposals.train_top or None]
-        gt = torch.as_tensor(record.boxes, dtype=torch.float32, device=device).reshape(-1, 4)
-        gt_labels = torch.as_tensor(record.labels, dtype=torch.int64, device=device)
-        boxes = torch.cat([gt, props.to(device)])
-        gt_classes = torch.cat([gt_labels, gt_labels.new_full((len(props),), -1)])
-        overlaps = class_overlaps(boxes, gt, gt_labels, model.num_classes)
-        pool5, fc7 = region_features(model, image, boxes)
-        rows = torch.nonzero(overlaps.max(dim=1).values > min_overlap).squeeze(1) if len(boxes) else \
-            torch.zeros(0, dtype=torch.int64)
-        cache.put(record.image_id, boxes=boxes.cpu().numpy(), gt_classes=gt_classes.cpu().numpy(),
-                  overlaps=overlaps.cpu().numpy(), features=model.head.svm_features(pool5, fc7).cpu().numpy(),
-                  pool5_rows=rows.cpu().numpy(), pool5=pool5[rows].cpu().numpy())
+        pool5, fc7 = parts.region_features(rows.image, rows.boxes)
+        keep = regression_row_indices(rows.overlaps, min_overlap)
+        cache.put(record.image_id, boxes=rows.boxes.cpu().numpy(), gt_classes=rows.gt_classes.cpu().numpy(),
+                  overlaps=rows.overlaps.cpu().numpy(), features=parts.svm_features(pool5, fc7).cpu().numpy(),
+                  pool5_rows=keep.numpy(), pool5=pool5[keep.to(pool5.device)].cpu().numpy())
         done["computed"] += 1
+        bar.describe(f"{done['computed']} computed, {done['skipped']} cached, {len(done['failed'])} failed")
+    bar.close()
     done["seconds"] = time.perf_counter() - start
     return done
 
 
-def fit_svm_stage(model: Detector, cache: FeatureCache, image_ids: list[str], cfg, *, progress: bool = False,
-                  log: Callable[[str], None] = print):
-    """Stage 3: one-vs-rest linear SVMs with hard negative mining; loaded into ``model.head.svm``.
-
-    Time linear in the images (see :func:`detect.svm_heads.train_svms`); ``progress``: a bar per pass.
-    Deterministic: liblinear's coordinate order is seeded with ``train.seed``, so the same features give
-    bitwise the same SVMs.
-    """
+def mining_settings(cfg) -> MiningSettings:
+    """``rcnn.svm``'s mining keys."""
     s = cfg.rcnn.svm
+    return MiningSettings(hard_thresh=s.hard_thresh, easy_thresh=s.easy_thresh, neg_iou=s.neg_iou,
+                          retrain_limit=s.retrain_limit, retrain_growth=s.retrain_growth,
+                          batch_images=s.batch_images, epochs=s.epochs, tol=s.tol, max_iter=s.max_iter)
+
+
+def svm_arguments(cfg) -> dict:
+    """``rcnn.svm``'s liblinear keys and the seed, as :func:`detect.hard_negatives.mine_svms` takes them."""
+    s = cfg.rcnn.svm
+    return dict(C=s.C, pos_weight=s.pos_weight, bias_multiplier=s.bias_multiplier, seed=cfg.train.seed)
+
+
+def fit_svm_stage(model: nn.Module, cache: FeatureCache, image_ids: list[str], cfg, *, progress: bool = False,
+                  log: Callable[[str], None] = print):
+    """Stage 3 (``full`` mode): one-vs-rest linear SVMs with hard negative mining; loaded into the model's SVMs.
+
+    Time linear in the images (see :func:`detect.hard_negatives.mine_svms`); ``progress``: a bar per
+    pass. Deterministic: liblinear's coordinate order is seeded with ``train.seed``, so the same features
+    give bitwise the same SVMs.
+    """
+    parts = rcnn_parts(model)
     images = CachedImages(cache, image_ids)
-    scale = feature_scale(images, s.feature_norm)
-    mining = MiningSettings(hard_thresh=s.hard_thresh, easy_thresh=s.easy_thresh, neg_iou=s.neg_iou,
-                            retrain_limit=s.retrain_limit, retrain_growth=s.retrain_growth,
-                            batch_images=s.batch_images, epochs=s.epochs, tol=s.tol, max_iter=s.max_iter)
-    result = train_svms(images, model.num_classes, C=s.C, pos_weight=s.pos_weight, bias_multiplier=s.bias_multiplier,
-                        mining=mining, scale=scale, class_names=model.class_names, seed=cfg.train.seed,
-                        progress=progress, log=log)
-    model.head.svm.load_result(result, scale)
+    scale = feature_scale(images, cfg.rcnn.svm.feature_norm)
+    result = train_svms(images, parts.num_classes, scale=scale, mining=mining_settings(cfg),
+                        class_names=parts.class_names, progress=progress, log=log, **svm_arguments(cfg))
+    parts.svm.load_result(result, scale)
     return result
 
 
-def fit_regression_stage(model: Detector, cache: FeatureCache, image_ids: list[str], cfg, *,
+@dataclass
+class RegressionRows:
+    """Stage 4's rows of one image: pool5 of the rows with IoU > ``min_overlap`` and the image's ground truth.
+
+    Attributes:
+        boxes: (K, 4) those rows' boxes; pool5: (K, D5) their pool5 features (float16).
+        gt_boxes: (G, 4) the image's ground-truth boxes; gt_classes: (G,) their classes.
+    """
+
+    boxes: np.ndarray
+    pool5: np.ndarray
+    gt_boxes: np.ndarray
+    gt_classes: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return self.boxes.nbytes + self.pool5.nbytes + self.gt_boxes.nbytes + self.gt_classes.nbytes
+
+
+def cached_regression_rows(item: CachedImage) -> RegressionRows:
+    gt_rows = np.flatnonzero(item.gt_classes >= 0)
+    return RegressionRows(item.boxes[item.pool5_rows], item.pool5, item.boxes[gt_rows], item.gt_classes[gt_rows])
+
+
+def fit_regression_stage(model: nn.Module, cache: FeatureCache, image_ids: list[str], cfg, *,
                          log: Callable[[str], None] = print):
-    """Stage 4: class-specific ridge regression on pool5 of proposals with IoU > min_overlap; into ``model.head.box_regressor``."""
-    b = cfg.rcnn.bbox_reg
+    """Stage 4 (``full`` mode) from the feature cache: :func:`fit_regression_rows` on its pool5 rows."""
+    return fit_regression_rows(model, (cached_regression_rows(cache.get(i)) for i in image_ids), cfg, log=log)
+
+
+def fit_regression_rows(model: nn.Module, images: Iterable[RegressionRows], cfg, *,
+                        log: Callable[[str], None] = print):
+    """Stage 4: class-specific ridge regression on pool5 of proposals with IoU > min_overlap; into the model."""
+    b, parts = cfg.rcnn.bbox_reg, rcnn_parts(model)
     feats, props, gts, classes = [], [], [], []
-    for image_id in image_ids:
-        item = cache.get(image_id)
-        gt_rows = np.flatnonzero(item.gt_classes >= 0)
-        if not len(item.pool5_rows) or not len(gt_rows):
+    for item in images:
+        if not len(item.boxes) or not len(item.gt_boxes):
             continue
-        boxes = torch.from_numpy(item.boxes[item.pool5_rows])
-        gt = torch.from_numpy(item.boxes[gt_rows])
-        best = box_iou(boxes, gt).max(dim=1)
+        boxes = torch.from_numpy(np.asarray(item.boxes, np.float32))
+        best = box_iou(boxes, torch.from_numpy(np.asarray(item.gt_boxes, np.float32))).max(dim=1)
         keep = (best.values > b.min_overlap).numpy()
         feats.append(np.asarray(item.pool5, dtype=np.float32)[keep])
         props.append(boxes.numpy()[keep])
-        gts.append(gt.numpy()[best.indices.numpy()[keep]])
-        classes.append(item.gt_classes[gt_rows][best.indices.numpy()[keep]])
-    dim = model.head.box_regressor.weight.shape[-1]
+        gts.append(np.asarray(item.gt_boxes, np.float32)[best.indices.numpy()[keep]])
+        classes.append(np.asarray(item.gt_classes)[best.indices.numpy()[keep]])
+    dim = parts.box_regressor.weight.shape[-1]
     feats = np.concatenate(feats) if feats else np.zeros((0, dim), np.float32)
     norms = np.linalg.norm(feats, axis=1)
     scale = cfg.rcnn.svm.feature_norm / float(norms.mean()) if len(norms) and norms.mean() > 0 else 1.0
     result = fit_box_regressors(feats, np.concatenate(props) if props else np.zeros((0, 4)),
                                 np.concatenate(gts) if gts else np.zeros((0, 4)),
-                                np.concatenate(classes) if classes else np.zeros(0, np.int64), model.num_classes,
-                                alpha=b.alpha, scale=scale, class_names=model.class_names, log=log)
-    model.head.box_regressor.load_result(result, scale)
+                                np.concatenate(classes) if classes else np.zeros(0, np.int64), parts.num_classes,
+                                alpha=b.alpha, scale=scale, class_names=parts.class_names, log=log)
+    parts.box_regressor.load_result(result, scale)
     return result

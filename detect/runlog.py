@@ -139,15 +139,19 @@ class MetricsLog:
 
 
 class ProgressBar:
-    """A tqdm bar showing loss, LR and images/s; a no-op when disabled (other ranks, tests)."""
+    """A tqdm bar (rate, ETA) showing loss, LR and images/s, or any status text; a no-op when disabled.
 
-    def __init__(self, *, total: int, initial: int = 0, desc: str = "", enabled: bool = True) -> None:
+    ``unit`` names what is counted ("img" for the R-CNN stages and the proposal store).
+    """
+
+    def __init__(self, *, total: int, initial: int = 0, desc: str = "", enabled: bool = True,
+                 unit: str = "it") -> None:
         self.bar = None
         if enabled:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=sys.stderr,
-                            mininterval=0.5)
+                            mininterval=0.5, unit=unit)
         self._images, self._seconds = 0, 0.0
 
     def update(self, n: int = 1, record: dict | None = None) -> None:
@@ -163,6 +167,17 @@ class ProgressBar:
             if self._seconds > 0:
                 postfix["img/s"] = f"{self._images / self._seconds:.1f}"
             self.bar.set_postfix(postfix, refresh=False)
+
+    def describe(self, text: str) -> None:
+        """Show ``text`` after the counts (what the stage is doing: cache sizes, failures, ...)."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=False)
+
+    def write(self, message: str) -> None:
+        """Print a line above the bar (to stdout, like the run's log lines)."""
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stdout)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -117,7 +117,8 @@ def _work(item: tuple[str, str]) -> tuple[str, np.ndarray | None, str]:
 
 
 def compute_store(items: Sequence[tuple[str, str | Path]], store: ProposalStore, *, workers: int = 1,
-                  shard: tuple[int, int] = (0, 1), progress: bool = True, merge: bool | None = None) -> ComputeSummary:
+                  shard: tuple[int, int] = (0, 1), progress: bool = True, merge: bool | None = None,
+                  log: Callable[[str], None] | None = None) -> ComputeSummary:
     """Compute the proposals of this shard's images that the store lacks.
 
     Args:
@@ -125,10 +126,11 @@ def compute_store(items: Sequence[tuple[str, str | Path]], store: ProposalStore,
         store: the store for the split and parameters; ``store.params`` drive the computation.
         workers: processes computing images (1: in this process).
         shard: (i, n) -- this run handles items i, i+n, i+2n, ...
-        progress: show a tqdm progress bar.
+        progress: a progress bar (images/s, ETA, images computed and failed).
         merge: merge the parts into one file at the end; default: when unsharded and nothing failed.
+        log: if given, one line saying what is about to be computed (images, parameters, processes).
     """
-    from tqdm import tqdm
+    from detect.runlog import ProgressBar
 
     index, count = shard
     ids = [str(i) for i, _ in items]
@@ -140,16 +142,20 @@ def compute_store(items: Sequence[tuple[str, str | Path]], store: ProposalStore,
     mine = [(str(i), str(p)) for i, p in list(items)[index::count]]
     todo = [item for item in mine if item[0] not in done]
     summary.total, summary.skipped = len(mine), len(mine) - len(todo)
+    workers = max(1, min(workers, len(todo)))
+    if log is not None and todo:
+        log(f"proposals: {len(todo)} of {len(mine)} images{f' of shard {index}/{count}' if count > 1 else ''} to "
+            f"compute into {store.directory} ({describe_params(store.params)}; {workers} process(es))")
     start = time.perf_counter()
-    with store.writer(index, count) as writer, \
-            tqdm(total=len(mine), initial=summary.skipped, disable=not progress, unit="img",
-                 desc=f"proposals {index}/{count}" if count > 1 else "proposals") as bar:
-        if workers <= 1 or len(todo) <= 1:
+    bar = ProgressBar(total=len(mine), initial=summary.skipped, enabled=progress, unit="img",
+                      desc=f"selective search {index}/{count}" if count > 1 else "selective search")
+    with store.writer(index, count) as writer:
+        if workers == 1:
             _init_worker(store.params)
             results = map(_work, todo)
             pool = None
         else:
-            pool = multiprocessing.get_context("spawn").Pool(min(workers, len(todo)), _init_worker, (store.params,))
+            pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (store.params,))
             results = pool.imap_unordered(_work, todo, chunksize=1)
         try:
             for image_id, boxes, error in results:
@@ -161,7 +167,9 @@ def compute_store(items: Sequence[tuple[str, str | Path]], store: ProposalStore,
                     writer.add(image_id, boxes)
                     summary.computed += 1
                 bar.update(1)
+                bar.describe(f"{summary.computed} computed, {len(summary.failed)} failed, {workers} process(es)")
         finally:
+            bar.close()
             if pool is not None:
                 pool.terminate()
                 pool.join()
@@ -173,3 +181,9 @@ def compute_store(items: Sequence[tuple[str, str | Path]], store: ProposalStore,
     else:
         store.refresh()
     return summary
+
+
+def describe_params(params: dict) -> str:
+    """The parameters that set the cost and the boxes, in a few words (for progress messages)."""
+    top = f"top {params['top_k']}" if params.get("top_k") else "all boxes"
+    return f"{params.get('backend', 'ours')} '{params.get('mode')}' mode, max side {params.get('max_side')}, {top}"

@@ -94,7 +94,8 @@ def test_train_and_evaluate_from_coco_json_made_by_convert(tmp_path, capsys):
     # data.format=coco, data.root = the folder file_name is relative to, data.annotations with "{split}".
     # Catches a root/file_name join that misses the images (every image skipped: no training), classes or
     # images lost between the JSON and the model, a loss that does not fall, and a COCO result without its keys.
-    from detect.cli.train import parse_args, run
+    from detect import load_config
+    from detect.recipes import RunOptions, train
     from detect.data.synthetic import SYNTHETIC_CLASSES, generate_synthetic
     from detect.evaluation.coco import STAT_NAMES
 
@@ -113,8 +114,7 @@ def test_train_and_evaluate_from_coco_json_made_by_convert(tmp_path, capsys):
                  "model.input.max_size=160", "model.input.test_min_size=128", "model.anchors.sizes=[16, 32, 64, 128]",
                  "pretrain.steps=0", "train.max_iter=40", "train.log_period=5", "train.warmup_iters=5",
                  "train.checkpoint_period=0", "test.metric=coco"]
-    argv = ["--config", str(config), "--out", str(tmp_path / "run"), "--device", "cpu", "--no-progress"]
-    result = run(parse_args(argv + [a for o in overrides for a in ("--set", o)]))
+    result = train(load_config(config, overrides), RunOptions(out=tmp_path / "run", progress=False))
     out = capsys.readouterr().out
     names = json.loads((tmp_path / "run" / "class_names.json").read_text())
     assert names == [c["name"] for c in train_json["categories"]] and set(present) <= set(names)

@@ -218,3 +218,56 @@ def test_cli_on_a_coco_split_and_an_image_folder(tmp_path, capsys):
     folder = ProposalStore(tmp_path / "store", "pics", search_params(mode="single", top_k=2000))
     assert sorted(folder.ids()) == ["img0", "img1"]
     np.testing.assert_array_equal(folder.get("img1"), coco.get("2"))
+
+
+def test_shards_filled_on_separate_machines_merge_into_one_store(tmp_path, capsys):
+    """The README's recipe for several machines without a shared disk: each fills its shard into its own store
+    (``--shard i/n --no-merge``), the part files are copied into one folder, ``merge`` joins them. Catches part
+    names that collide across machines or a merge that drops records of parts it did not write."""
+    import shutil
+
+    root = tmp_path / "voc"
+    make_voc_tree(root, num_images=5)
+    common = ["--voc", str(root), "--split", "test", "--mode", "single", "--top-k", "50", "--no-progress"]
+    for i in range(3):                                         # machine i, its own disk
+        assert cli_main(["compute", *common, "--store", str(tmp_path / f"machine{i}"), "--shard", f"{i}/3",
+                         "--no-merge"]) == 0
+    version = ProposalStore(tmp_path / "machine0", "voc-test", search_params(mode="single", top_k=50)).directory
+    gathered = tmp_path / "gathered" / version.relative_to(tmp_path / "machine0")
+    gathered.mkdir(parents=True)
+    for i in range(3):
+        for part in (tmp_path / f"machine{i}" / version.relative_to(tmp_path / "machine0")).glob("part-*.bin"):
+            shutil.copy(part, gathered / part.name)
+    assert len(list(gathered.glob("part-*.bin"))) == 3
+    capsys.readouterr()
+    assert cli_main(["merge", *common[:-1], "--store", str(tmp_path / "gathered")]) == 0
+    assert "5 images, 0 failed" in capsys.readouterr().out
+    assert cli_main(["compute", *common, "--store", str(tmp_path / "one")]) == 0
+    one = ProposalStore(tmp_path / "one", "voc-test", search_params(mode="single", top_k=50)).directory
+    assert (gathered / MERGED_NAME).read_bytes() == (one / MERGED_NAME).read_bytes()
+
+
+def test_filling_says_what_it_computes_with_train_workers_by_default(tmp_path, monkeypatch):
+    """ensure_stored_proposals (what tools/train.py calls) uses train.workers processes unless told otherwise, and
+    compute_store says what it is about to do. Catches the old default of one process."""
+    import proposals.compute as compute
+    from detect.config import Config
+    from detect.proposal_sources import ensure_stored_proposals
+
+    root = tmp_path / "voc"
+    make_voc_tree(root, num_images=3)
+    cfg = Config()
+    cfg.data.root, cfg.data.classes, cfg.data.train_split = str(root), ["cat", "dog"], "test"
+    cfg.proposals.store, cfg.proposals.mode, cfg.proposals.top_k, cfg.train.workers = str(tmp_path / "s"), "single", 7, 3
+    seen = {}
+    real = compute.compute_store
+    monkeypatch.setattr(compute, "compute_store", lambda items, store, **kw: seen.update(kw) or real(
+        items, store, **{**kw, "workers": 1}))
+    lines = []
+    ensure_stored_proposals(cfg, "test", log=lines.append)
+    assert seen["workers"] == 3 and seen["shard"] == (0, 1)
+    assert lines == [f"proposals: 3 of 3 images to compute into {tmp_path / 's' / 'voc-test'}/"
+                     f"{ProposalStore(tmp_path / 's', 'voc-test', compute.search_params(mode='single', top_k=7)).version} "
+                     "(ours 'single' mode, max side 1000, top 7; 1 process(es))"]
+    ensure_stored_proposals(cfg, "test", workers=1, log=lines.append)
+    assert seen["workers"] == 1 and len(lines) == 1              # nothing left to compute: nothing said

@@ -1,4 +1,4 @@
-"""``tools/benchmark.py ladder``: R-CNN, Fast R-CNN and Faster R-CNN side by side on the same test images.
+"""``tools/benchmark.py ladder|training``: R-CNN, Fast R-CNN and Faster R-CNN side by side, at test and training time.
 
     tools/benchmark.py ladder --rcnn runs/rcnn/model_final.pt --fast runs/fast/model_final.pt \\
         --faster runs/faster/model_final.pt [--split test] [--limit 50] [--out ladder.md] [--device cpu|cuda]
@@ -14,6 +14,14 @@ column (the papers count it when comparing with Faster R-CNN, whose RPN time is 
 "proposals"). Ratios follow the table: Fast R-CNN vs R-CNN without proposal time (Fast
 R-CNN Table 4: 146x, 213x with SVD, VGG16 on a GPU), and Faster vs Fast R-CNN with it
 (Faster R-CNN Table 5).
+
+``training`` trains each config's pipeline for the same iterations on the first ``--limit``
+training images and times every stage (R-CNN: proposals, fine-tuning, features, SVMs, box
+regression; Fast R-CNN: proposals, training; Faster R-CNN: training), printing the CPU model::
+
+    tools/benchmark.py training --configs configs/rcnn/tiny_bccd.yaml,configs/fast_rcnn/tiny_bccd.yaml,\
+configs/faster_rcnn/tiny_synthetic.yaml --set data.format=voc --set data.root=../shared/data/bccd \
+        --set data.classes=auto --set model.backbone.name=tiny --limit 40 --iters 100 --threads 1
 
 ``--from-configs`` builds each pipeline from its config with random weights instead of
 loading checkpoints: a real backbone's speed needs no trained model (mAP is then
@@ -31,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import time
 from pathlib import Path
@@ -66,6 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="mode", required=True)
     sub.add_parser("torchvision", add_help=False,
                    help="this toolkit's Faster R-CNN against torchvision's, configured alike (see `torchvision --help`)")
+    _training_parser(sub)
     ladder = sub.add_parser("ladder", help="the three pipelines, same backbone, same images: time and mAP")
     ladder.add_argument("--rcnn", type=Path, help="R-CNN checkpoint")
     ladder.add_argument("--fast", type=Path, help="Fast R-CNN checkpoint")
@@ -91,6 +101,50 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ladder.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     add_runtime_args(ladder)
     return parser.parse_args(argv)
+
+
+def _training_parser(sub) -> None:
+    training = sub.add_parser("training", help="the three pipelines trained alike: seconds per training stage")
+    training.add_argument("--configs", type=_paths, required=True, metavar="A.yaml,B.yaml,...",
+                          help="at most one config each of rcnn, fast_rcnn and faster_rcnn")
+    training.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a key of every config, e.g. data.root=../shared/data/bccd")
+    training.add_argument("--limit", type=int, default=0, help="the first N training images (0: all)")
+    training.add_argument("--iters", type=int, default=0,
+                          help="training iterations of every pipeline (steps at 3/4; 0: each config's own)")
+    training.add_argument("--clock", default="cpu", choices=tuple(CLOCKS),
+                          help="stage times from this process's CPU time (default: a shared machine) or the wall")
+    add_runtime_args(training)
+    training.add_argument("--run-dir", type=Path, default=None,
+                          help="folder for the runs, store and cache (default: a temporary one, deleted)")
+    training.add_argument("--out", type=Path, default=None, help="write the markdown table here")
+    training.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    training.add_argument("--progress", action="store_true", help="progress bars for each stage")
+
+
+def run_training(args: argparse.Namespace) -> dict:
+    """``training``: load the configs alike, time every pipeline's training, print and write the table."""
+    import tempfile
+
+    from detect.distributed import resolve_device
+    from detect.utils.io import atomic_write_text
+    from detect.utils.training_speed import cpu_model, format_training_table, load_training_configs, time_training
+
+    apply_runtime(args)
+    configs = load_training_configs(args.configs, args.overrides, iters=args.iters)
+    device = resolve_device(args.device)
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as scratch:
+        runs = time_training(configs, out_dir=args.run_dir or Path(scratch), limit=args.limit, device=device,
+                             clock=CLOCKS[args.clock], progress=args.progress,
+                             log=lambda m: print(m, file=sys.stderr))
+    note = f"load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+    table = format_training_table(runs, cpu=cpu_model(), threads=torch.get_num_threads(), clock=args.clock, note=note)
+    print(table)
+    if args.out is not None:
+        atomic_write_text(args.out, table + "\n")
+        print(f"table written to {args.out}", file=sys.stderr)
+    return runs
 
 
 def _models_from_checkpoints(args, device) -> tuple[dict, bool]:
@@ -299,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return torchvision_main(argv[1:])
     args = parse_args(argv)
-    return run_cli(lambda: (run(args), 0)[1])
+    return run_cli(lambda: ((run_training if args.mode == "training" else run)(args), 0)[1])
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-test", action="store_true", help="skip the final evaluation on the test split")
     parser.add_argument("--print-config", nargs="?", const="text", choices=("text", "markdown"), default=None,
                         help="print every config key (type, value after --set, meaning) and exit; 'markdown': as a table")
+    parser.add_argument("--proposals-limit", type=int, default=None, metavar="N",
+                        help="selective-search boxes kept per image in the store (same as --set proposals.top_k=N)")
     add_runtime_args(parser)
     return parser.parse_args(argv)
 
@@ -59,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> dict:
-        cfg = load_config(args.config, list(args.overrides) + (["train.amp=true"] if args.amp else []))
+        overrides = list(args.overrides) + (["train.amp=true"] if args.amp else [])
+        overrides += [f"proposals.top_k={args.proposals_limit}"] if args.proposals_limit is not None else []
+        cfg = load_config(args.config, overrides)
         if args.print_config:
             from detect.config_doc import print_config
 
