@@ -4,7 +4,8 @@ The graph's edges are every ``import`` / ``from ... import`` statement naming a 
 packages, wherever it stands (module level or inside a function: a function-level import hides a
 cycle from Python's loader but not from a reader). ``from pkg import name`` is an edge to
 ``pkg.name`` when that is a module, else to ``pkg``. A cycle is a strongly connected component of
-more than one module (or a module importing itself).
+more than one module (or a module importing itself). Imports under ``if TYPE_CHECKING:`` are for
+annotations only and never run: they are not edges.
 """
 
 from __future__ import annotations
@@ -30,11 +31,24 @@ def module_names() -> dict[str, Path]:
     return names
 
 
+def _runtime_nodes(tree: ast.AST):
+    """Every node of the tree except those under ``if TYPE_CHECKING:``."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and getattr(child.test, "id", getattr(child.test, "attr", "")) == "TYPE_CHECKING":
+                stack.extend(child.orelse)
+                continue
+            stack.append(child)
+
+
 def import_graph(names: dict[str, Path]) -> dict[str, set[str]]:
     graph = {name: set() for name in names}
     for name, path in names.items():
         is_package = path.name == "__init__.py"
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        for node in _runtime_nodes(ast.parse(path.read_text(encoding="utf-8"))):
             targets = []
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
@@ -96,6 +110,9 @@ def test_the_cycle_finder_finds_a_planted_cycle():
     # The checker itself: a cycle through a function-level import, and a clean chain.
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+    code = "if TYPE_CHECKING:\n    import a\nelse:\n    import b\ndef f():\n    import c\n"
+    names = {n.names[0].name for n in _runtime_nodes(ast.parse(code)) if isinstance(n, ast.Import)}
+    assert names == {"b", "c"}
     graph = import_graph(module_names())
     assert "detect.detector" in graph["detect.build"]          # an edge the graph must see
 
