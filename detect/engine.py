@@ -1,4 +1,4 @@
-"""The training and evaluation loop: ``fit`` -> ``train_one_epoch`` -> ``model.loss``.
+"""The training and evaluation loop: ``fit`` -> :func:`detect.steps.train_one_epoch` -> ``model.loss``.
 
 SGD with momentum and weight decay (Faster R-CNN Sec. 3.1.3: lr 0.001, momentum 0.9,
 decay 0.0005), linear warm-up, then a step or cosine schedule, counted in iterations
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -34,143 +33,15 @@ from torch import nn
 from detect import checkpoint as ckpt_io
 from detect import distributed
 from detect.best_checkpoint import BEST_NAME, BestModel, validation_metric
-from detect.config import Config, TrainConfig, config_to_dict
-from detect.data.loader import Batch, DetectionDataset, GroupedBatchSampler, eval_loader, train_loader
+from detect.config import Config, config_to_dict
+from detect.data.loader import DetectionDataset, GroupedBatchSampler, eval_loader, train_loader
 from detect.divergence import StepGuard
-from detect.errors import DetectError
 from detect.evaluation.results import detection_to_numpy
-from detect.optim import Schedule, build_optimizer, build_scheduler, lr_factor, resolve_schedule  # noqa: F401
-from detect.runlog import LOSS_NAMES, MetricsLog, ProgressBar, clean_run_dir, lock_run_dir, summarise  # noqa: F401
+from detect.optim import build_optimizer, build_scheduler, lr_factor, resolve_schedule  # noqa: F401 (lr_factor: API)
+from detect.runlog import MetricsLog, ProgressBar, clean_run_dir, lock_run_dir, summarise
+from detect.steps import TrainingDiverged, TrainState, _check_weights, train_one_epoch  # noqa: F401
 from detect.utils.runtime import autocast_dtype
 
-class TrainingDiverged(DetectError):
-    """``train.max_nonfinite`` bad steps in a row, or NaN/inf weights after a step (see :mod:`detect.divergence`)."""
-
-
-# --------------------------------------------------------------------------- one epoch
-
-
-@dataclass
-class TrainState:
-    iteration: int = 0
-    nonfinite_in_row: int = 0                    # bad steps in a row (the name predates the other rules)
-    bad_since: int | None = None                 # iterations done when the current run of bad steps began
-    last_ids: list = field(default_factory=list)  # this rank's images of the last batch (for messages)
-    reported: set = field(default_factory=set)   # bad images already reported
-
-
-def _to_device(batch: Batch, device: torch.device) -> tuple[list[torch.Tensor], list[dict]]:
-    images = [img.to(device, non_blocking=True) for img in batch.images]
-    targets = [{**t, "boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in batch.targets]
-    return images, targets
-
-
-def train_one_epoch(loss_fn: Callable, loader, optimizer, scheduler, state: TrainState, *, cfg: TrainConfig,
-                    device: torch.device, end_iter: int, params: list[nn.Parameter], guard: StepGuard,
-                    scaler=None, on_step: Callable[[TrainState, dict], bool] | None = None,
-                    log: Callable[[str], None] = print,
-                    loss_kwargs: dict | Callable[[list[torch.Tensor]], dict] | None = None,
-                    autocast: torch.dtype | None = None) -> bool:
-    """Run the loader's batches until it ends or ``state.iteration`` reaches ``end_iter``.
-
-    ``loss_fn(images, targets)`` is ``model.loss`` (or its DDP wrapper) and returns the
-    four named losses; their sum is minimised. ``guard`` judges each step (:mod:`detect.divergence`).
-    ``on_step`` runs after every iteration and returns True to stop. Returns True when stopped by
-    ``on_step``. ``loss_kwargs`` are extra arguments of the loss (alternating training: ``stage``,
-    ``proposals``), or a function of the images that returns them. ``autocast``: the dtype of mixed
-    precision (:func:`detect.utils.runtime.autocast_dtype`; an enabled ``scaler`` alone means float16).
-    """
-    for batch in loader:
-        if state.iteration >= end_iter:
-            break
-        start = time.perf_counter()
-        for bad in batch.skipped:
-            if bad.image_id not in state.reported:
-                state.reported.add(bad.image_id)
-                log(f"skipped image {bad.image_id}: {bad.reason}")
-        record: dict = {"iteration": state.iteration + 1, "lr": optimizer.param_groups[0]["lr"],
-                        "images": len(batch) * distributed.get_world_size()}
-        state.last_ids = batch.image_ids()
-        # Every rank must take the same branch: DDP's backward is a collective.
-        if distributed.all_true(len(batch) > 0):
-            _step(loss_fn, batch, optimizer, state, record, cfg=cfg, device=device, params=params, guard=guard,
-                  scaler=scaler, log=log, loss_kwargs=loss_kwargs, autocast=autocast)
-        else:
-            record["skipped_step"] = "no readable image"
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        state.iteration += 1
-        record["time"] = time.perf_counter() - start
-        if on_step is not None and on_step(state, record):
-            return True
-    return False
-
-
-def _step(loss_fn: Callable, batch: Batch, optimizer, state: TrainState, record: dict, *, cfg: TrainConfig,
-          device: torch.device, params: list[nn.Parameter], guard: StepGuard, scaler, log, loss_kwargs,
-          autocast: torch.dtype | None = None) -> None:
-    """One optimizer step on ``batch``, or a skipped one that leaves the model as it was."""
-    amp = scaler is not None and scaler.is_enabled()   # float16 loss scaling (CUDA); bfloat16 needs none
-    dtype = autocast if autocast is not None else (torch.float16 if amp else None)
-    images, targets = _to_device(batch, device)
-    extra = loss_kwargs(images) if callable(loss_kwargs) else (loss_kwargs or {})
-    saved = guard.snapshot()
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        losses = loss_fn(images, targets, **extra)
-    total = sum(losses.values())
-    value = float(total.detach())
-    problem = guard.forward_problem(value)
-    if distributed.all_true(problem is None):
-        scaler.scale(total).backward() if amp else total.backward()
-        norm = None
-        if cfg.clip_grad_norm > 0:
-            if amp:
-                scaler.unscale_(optimizer)
-            norm = nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
-            record["grad_norm"] = float(norm)
-        problem = None if amp else guard.gradient_problem(norm)   # AMP: the scaler skips inf gradients itself
-        if distributed.all_true(problem is None):
-            if amp:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            record.update({k: float(v.detach()) for k, v in losses.items()}, loss=value)
-            guard.accept(value)
-            state.nonfinite_in_row, state.bad_since = 0, None
-            _check_weights(guard, state, state.iteration + 1)
-            return
-    elif distributed.is_distributed():
-        (total * 0.0).backward()   # completes DDP's pending reduction; the gradients are dropped
-    guard.restore(saved)
-    _bad_step(state, cfg, problem, losses, batch, log)
-    record["skipped_step"] = problem or "bad step on another process"
-
-
-def _check_weights(guard: StepGuard, state: TrainState, iteration: int, optimizer=None) -> None:
-    """Stop the run when the weights (or ``optimizer``'s state) hold NaN or inf after ``iteration`` steps."""
-    problem = guard.weights_problem(optimizer)
-    if not distributed.all_true(problem is None):
-        state.bad_since = iteration   # the state after this step is the first bad one
-        where = "after the optimizer step" if optimizer is None else "before the checkpoint"
-        ids = [i for ids in distributed.all_gather_object(state.last_ids) for i in ids]
-        raise TrainingDiverged(f"training diverged at iteration {iteration} on images {ids}: "
-                               f"{problem or 'non-finite values on another process'} {where}; lower train.lr "
-                               f"or set train.clip_grad_norm")
-
-
-def _bad_step(state: TrainState, cfg: TrainConfig, problem: str | None, losses: dict, batch: Batch, log) -> None:
-    state.nonfinite_in_row += 1
-    if state.bad_since is None:
-        state.bad_since = state.iteration
-    ids = [i for ids in distributed.all_gather_object(batch.image_ids()) for i in ids]
-    problem = next((p for p in distributed.all_gather_object(problem) if p), "bad step")
-    values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
-    log(f"iteration {state.iteration + 1}: {problem} ({values}) on images {ids}; step skipped")
-    if state.nonfinite_in_row >= cfg.max_nonfinite:
-        raise TrainingDiverged(f"training diverged at iteration {state.iteration + 1} on images {ids}: {problem} "
-                               f"for {state.nonfinite_in_row} iterations in a row; lower train.lr, set "
-                               f"train.clip_grad_norm or check those images' annotations")
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -270,8 +141,8 @@ def fit(model: nn.Module, train_set: DetectionDataset, cfg: Config, *, out_dir: 
     with lock_run_dir(out_dir, log=log):
         if distributed.is_main():
             clean_run_dir(out_dir, log=log)
-        return _fit(model, train_set, cfg, out_dir=out_dir, device=torch.device(device), val_set=val_set,
-                    resume=resume, stop_after=stop_after, log=log, progress=progress, loss_kwargs=loss_kwargs)
+        return _Run(model, train_set, cfg, out_dir=out_dir, device=torch.device(device), val_set=val_set,
+                    resume=resume, stop_after=stop_after, log=log, progress=progress, loss_kwargs=loss_kwargs).train()
 
 
 def _seed(seed: int) -> None:
@@ -299,110 +170,129 @@ def _restore(ckpt: dict, model, optimizer, scheduler, scaler, state: TrainState,
     return list(recent[rank]) if rank < len(recent) else []
 
 
-def _fit(model: nn.Module, train_set: DetectionDataset, cfg: Config, *, out_dir: Path, device: torch.device,
-         val_set, resume, stop_after, log, progress, loss_kwargs) -> dict:
-    tcfg = cfg.train
-    if tcfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
-        torch.backends.cudnn.benchmark = False
-    rank, world = distributed.get_rank(), distributed.get_world_size()
-    sampler = GroupedBatchSampler(train_set.aspect_ratios(), tcfg.images_per_batch, rank=rank, world_size=world,
-                                  seed=tcfg.seed, flip=cfg.model.input.flip)
-    schedule = resolve_schedule(tcfg, sampler.batches_per_epoch())
-    model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(model, tcfg)
-    scheduler = build_scheduler(optimizer, tcfg, schedule)
-    precision = autocast_dtype(tcfg.amp, device, log=log)
-    amp = precision == torch.float16
-    scaler, config_dict = torch.amp.GradScaler(device.type, enabled=amp), config_to_dict(cfg)
-    best = BestModel(out_dir / BEST_NAME, metric=validation_metric(cfg.test.metric), patience=tcfg.early_stop_patience)
-    if best.patience and (val_set is None or schedule.eval_period == 0):
-        log("train.early_stop_patience ignored: it counts validations (train.eval_period > 0 and a val split)")
-    state = TrainState()
-    if resume is not None:
-        ckpt = ckpt_io.load_for_resume(resume, log=log)
-        ckpt_io.check_compatible(ckpt, config=config_dict, class_names=train_set.class_names)
-        guard = StepGuard(model, recent=_restore(ckpt, model, optimizer, scheduler, scaler, state, amp=amp))
-        best.restore(ckpt.get("extra", {}).get("best"), log=log)
-        log(f"resumed from {ckpt['path']} at iteration {state.iteration}")
-    else:
-        _seed(tcfg.seed + rank)
-        guard = StepGuard(model)
-        if distributed.is_main():
-            best.path.unlink(missing_ok=True)   # an earlier run's best is not this run's
-    loss_fn = distributed.wrap_for_training(model, device)
-    metrics = MetricsLog(out_dir, resume_at=state.iteration if resume is not None else 0,
-                         enabled=distributed.is_main())
-    bar = ProgressBar(total=schedule.max_iter, initial=state.iteration, desc="train",
-                      enabled=progress and distributed.is_main())
-    history: list[dict] = []   # evaluation records
-    window: list[dict] = []    # step records since the last log line
-    ended: list[int] = []      # the iteration of an early stop: a normal end, unlike stop_after
+class _Run:
+    """One :func:`fit` run: its optimizer, schedule, guard, logs, best model and the loop around the epochs."""
 
-    def save(iteration: int) -> Path | None:
-        _check_weights(guard, state, iteration, optimizer)
-        # One RNG state and one loss history per rank.
-        rng, recent_losses = zip(*distributed.all_gather_object((ckpt_io.rng_state(), guard.recent)))
+    def __init__(self, model: nn.Module, train_set: DetectionDataset, cfg: Config, *, out_dir: Path,
+                 device: torch.device, val_set, resume, stop_after, log, progress, loss_kwargs) -> None:
+        self.model, self.train_set, self.cfg, self.tcfg = model, train_set, cfg, cfg.train
+        self.out_dir, self.device, self.val_set, self.stop_after, self.log = out_dir, device, val_set, stop_after, log
+        self.loss_kwargs = loss_kwargs
+        tcfg = cfg.train
+        if tcfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+            torch.backends.cudnn.benchmark = False
+        rank, world = distributed.get_rank(), distributed.get_world_size()
+        self.sampler = GroupedBatchSampler(train_set.aspect_ratios(), tcfg.images_per_batch, rank=rank,
+                                           world_size=world, seed=tcfg.seed, flip=cfg.model.input.flip)
+        self.schedule = resolve_schedule(tcfg, self.sampler.batches_per_epoch())
+        model.to(device).train()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(model, tcfg)
+        self.scheduler = build_scheduler(self.optimizer, tcfg, self.schedule)
+        self.precision = autocast_dtype(tcfg.amp, device, log=log)
+        self.amp = self.precision == torch.float16
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp)
+        self.config_dict = config_to_dict(cfg)
+        self.best = BestModel(out_dir / BEST_NAME, metric=validation_metric(cfg.test.metric),
+                              patience=tcfg.early_stop_patience)
+        if self.best.patience and (val_set is None or self.schedule.eval_period == 0):
+            log("train.early_stop_patience ignored: it counts validations (train.eval_period > 0 and a val split)")
+        self.state = TrainState()
+        self.guard = self._start(resume, rank)
+        self.loss_fn = distributed.wrap_for_training(model, device)
+        self.metrics = MetricsLog(out_dir, resume_at=self.state.iteration if resume is not None else 0,
+                                  enabled=distributed.is_main())
+        self.bar = ProgressBar(total=self.schedule.max_iter, initial=self.state.iteration, desc="train",
+                               enabled=progress and distributed.is_main())
+        self.history: list[dict] = []   # evaluation records
+        self.window: list[dict] = []    # step records since the last log line
+        self.ended: int | None = None   # the iteration of an early stop: a normal end, unlike stop_after
+
+    def _start(self, resume, rank: int) -> StepGuard:
+        """Restore a resumed run's state, or seed a fresh one; returns the step guard."""
+        if resume is None:
+            _seed(self.tcfg.seed + rank)
+            if distributed.is_main():
+                self.best.path.unlink(missing_ok=True)   # an earlier run's best is not this run's
+            return StepGuard(self.model)
+        ckpt = ckpt_io.load_for_resume(resume, log=self.log)
+        ckpt_io.check_compatible(ckpt, config=self.config_dict, class_names=self.train_set.class_names)
+        recent = _restore(ckpt, self.model, self.optimizer, self.scheduler, self.scaler, self.state, amp=self.amp)
+        self.best.restore(ckpt.get("extra", {}).get("best"), log=self.log)
+        self.log(f"resumed from {ckpt['path']} at iteration {self.state.iteration}")
+        return StepGuard(self.model, recent=recent)
+
+    def save(self, iteration: int) -> Path | None:
+        """A periodic checkpoint (rank 0 writes; one RNG state and one loss history per rank)."""
+        state = self.state
+        _check_weights(self.guard, state, iteration, self.optimizer)
+        rng, recent_losses = zip(*distributed.all_gather_object((ckpt_io.rng_state(), self.guard.recent)))
         path = None
         if distributed.is_main():
             extra = {"nonfinite_in_row": state.nonfinite_in_row, "bad_since": state.bad_since,
-                     "recent_losses": [list(r) for r in recent_losses], "best": best.state()}
-            path = ckpt_io.save_periodic(out_dir / "checkpoints", iteration, tcfg.keep_checkpoints, model=model,
-                                         config=config_dict, class_names=train_set.class_names,
-                                         optimizer=optimizer, scheduler=scheduler, scaler=scaler if amp else None,
+                     "recent_losses": [list(r) for r in recent_losses], "best": self.best.state()}
+            path = ckpt_io.save_periodic(self.out_dir / "checkpoints", iteration, self.tcfg.keep_checkpoints,
+                                         model=self.model, config=self.config_dict,
+                                         class_names=self.train_set.class_names, optimizer=self.optimizer,
+                                         scheduler=self.scheduler, scaler=self.scaler if self.amp else None,
                                          rng=list(rng), extra=extra)
         distributed.barrier()
         return path
 
-    def on_step(st: TrainState, record: dict) -> bool:
-        window.append(record)
-        bar.update(1, record)
-        it = st.iteration
-        if it % tcfg.log_period == 0 or it == schedule.max_iter:
-            metrics.write(summarise(window, it, it / schedule.iters_per_epoch))
-            window.clear()
-        if val_set is not None and schedule.eval_period > 0 and (it % schedule.eval_period == 0
-                                                                 or it == schedule.max_iter):
-            validate(it)
+    def on_step(self, st: TrainState, record: dict) -> bool:
+        """After every iteration: log, validate, checkpoint; True stops the run."""
+        schedule, it = self.schedule, st.iteration
+        self.window.append(record)
+        self.bar.update(1, record)
+        if it % self.tcfg.log_period == 0 or it == schedule.max_iter:
+            self.metrics.write(summarise(self.window, it, it / schedule.iters_per_epoch))
+            self.window.clear()
+        if self.val_set is not None and schedule.eval_period > 0 and (it % schedule.eval_period == 0
+                                                                      or it == schedule.max_iter):
+            self.validate(it)
         if schedule.checkpoint_period > 0 and it % schedule.checkpoint_period == 0 and it < schedule.max_iter:
-            save(it)
-        if best.exhausted and it < schedule.max_iter and not ended:
-            ended.append(it)
-            log(f"iteration {it}: early stop: {best.since} evaluations without a better val mAP")
-        return (stop_after is not None and it >= stop_after) or bool(ended)
+            self.save(it)
+        if self.best.exhausted and it < schedule.max_iter and self.ended is None:
+            self.ended = it
+            self.log(f"iteration {it}: early stop: {self.best.since} evaluations without a better val mAP")
+        return (self.stop_after is not None and it >= self.stop_after) or self.ended is not None
 
-    def validate(it: int) -> None:
-        result, _ = evaluate_split(model, val_set, device=device, metric=best.metric, log=log,
-                                   batch_size=cfg.test.images_per_batch, workers=tcfg.workers)
-        history.append(best.record(result["mAP"], it, model=model, config=config_dict,
-                                   class_names=train_set.class_names, log=log))
-        metrics.write(history[-1])
+    def validate(self, it: int) -> None:
+        result, _ = evaluate_split(self.model, self.val_set, device=self.device, metric=self.best.metric,
+                                   log=self.log, batch_size=self.cfg.test.images_per_batch, workers=self.tcfg.workers)
+        self.history.append(self.best.record(result["mAP"], it, model=self.model, config=self.config_dict,
+                                             class_names=self.train_set.class_names, log=self.log))
+        self.metrics.write(self.history[-1])
 
-    stopped = False
-    try:
-        while state.iteration < schedule.max_iter and not stopped and not best.exhausted:
-            epoch, position = divmod(state.iteration, schedule.iters_per_epoch)
-            sampler.set_epoch(epoch, position)
-            loader = train_loader(train_set, sampler, workers=tcfg.workers)
-            stopped = train_one_epoch(loss_fn, loader, optimizer, scheduler, state, cfg=tcfg, device=device,
-                                      end_iter=schedule.max_iter, params=params, guard=guard, scaler=scaler,
-                                      on_step=on_step, log=log, loss_kwargs=loss_kwargs, autocast=precision)
-            stopped = stopped and not ended
-    except TrainingDiverged as exc:
-        raise TrainingDiverged(_set_aside_diverged(str(exc), out_dir / "checkpoints", state)) from None
-    finally:
-        bar.close()
-        metrics.close()
-    final = None
-    if not stopped:
-        save(state.iteration)
-        if distributed.is_main():
-            final = ckpt_io.save_checkpoint(out_dir / "model_final.pt", model=model, config=config_dict,
-                                            class_names=train_set.class_names, iteration=state.iteration)
-        distributed.barrier()
-    return {"iteration": state.iteration, "stopped": stopped, "final_checkpoint": final, "history": history,
-            "early_stopped": bool(ended), **best.summary()}
+    def train(self) -> dict:
+        """Epochs until the schedule ends, an early stop or ``stop_after``; then the final checkpoint."""
+        state, stopped = self.state, False
+        try:
+            while state.iteration < self.schedule.max_iter and not stopped and not self.best.exhausted:
+                epoch, position = divmod(state.iteration, self.schedule.iters_per_epoch)
+                self.sampler.set_epoch(epoch, position)
+                loader = train_loader(self.train_set, self.sampler, workers=self.tcfg.workers)
+                stopped = train_one_epoch(self.loss_fn, loader, self.optimizer, self.scheduler, state, cfg=self.tcfg,
+                                          device=self.device, end_iter=self.schedule.max_iter, params=self.params,
+                                          guard=self.guard, scaler=self.scaler, on_step=self.on_step, log=self.log,
+                                          loss_kwargs=self.loss_kwargs, autocast=self.precision)
+                stopped = stopped and self.ended is None
+        except TrainingDiverged as exc:
+            raise TrainingDiverged(_set_aside_diverged(str(exc), self.out_dir / "checkpoints", state)) from None
+        finally:
+            self.bar.close()
+            self.metrics.close()
+        final = None
+        if not stopped:
+            self.save(state.iteration)
+            if distributed.is_main():
+                final = ckpt_io.save_checkpoint(self.out_dir / "model_final.pt", model=self.model,
+                                                config=self.config_dict, class_names=self.train_set.class_names,
+                                                iteration=state.iteration)
+            distributed.barrier()
+        return {"iteration": state.iteration, "stopped": stopped, "final_checkpoint": final, "history": self.history,
+                "early_stopped": self.ended is not None, **self.best.summary()}
 
 
 def _set_aside_diverged(message: str, directory: Path, state: TrainState) -> str:
