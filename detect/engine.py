@@ -36,6 +36,7 @@ from detect.best_checkpoint import BEST_NAME, BestModel, validation_metric
 from detect.config import Config, config_to_dict
 from detect.data.loader import DetectionDataset, GroupedBatchSampler, eval_loader, train_loader
 from detect.divergence import StepGuard
+from detect.evaluation import evaluate as score
 from detect.evaluation.results import detection_to_numpy
 from detect.optim import build_optimizer, build_scheduler, lr_factor, resolve_schedule  # noqa: F401 (lr_factor: API)
 from detect.runlog import MetricsLog, ProgressBar, clean_run_dir, lock_run_dir, summarise
@@ -101,8 +102,6 @@ def evaluate_split(model: nn.Module, dataset: DetectionDataset, *, device: torch
     Returns:
         ``(metrics, detections)``.
     """
-    from detect.evaluation import evaluate as score
-
     loader = eval_loader(dataset, batch_size=batch_size, workers=workers, rank=distributed.get_rank(),
                          world_size=distributed.get_world_size(), limit=limit)
     detections = evaluate(model, loader, device=device, log=log, progress=progress, timings=timings)

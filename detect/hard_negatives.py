@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from detect.runlog import ProgressBar
 from detect.svm_heads import fit_linear_svm
 
 
@@ -254,8 +255,6 @@ def mine_svms(positives: list[np.ndarray], batches: Callable[[int], Iterable[Bat
     Returns:
         :class:`SVMResult`; a class without positives (or negatives) gets a zero detector and a line in ``problems``.
     """
-    from detect.runlog import ProgressBar
-
     m = mining or MiningSettings()
     miner = _Miner(positives, C=C, pos_weight=pos_weight, bias_multiplier=bias_multiplier, mining=m, seed=seed,
                    scale=scale, class_names=class_names)

@@ -32,10 +32,14 @@ from torchvision.ops import box_iou
 from detect.bbox_regression import fit_box_regressors
 from detect.data.image import DEFAULT_MAX_PIXELS, read_image
 from detect.data.loader import image_to_tensor
+from detect.errors import ImageReadError
 from detect.feature_cache import CachedImage, CachedImages, FeatureCache, weights_digest
 from detect.hard_negatives import MiningSettings, train_svms
+from detect.proposal_sources import search_params_from_config
 from detect.rcnn import region_features
+from detect.runlog import ProgressBar
 from detect.svm_heads import feature_scale
+from proposals.store import params_version
 
 
 @dataclass
@@ -78,9 +82,6 @@ def rcnn_parts(model: nn.Module) -> RCNNParts:
 
 def cache_fingerprint(model: nn.Module, cfg) -> dict:
     """What the cached features depend on: the CNN's weights, the proposal set, the warp, the layer, the classes."""
-    from detect.proposal_sources import search_params_from_config
-    from proposals.store import params_version
-
     r, parts = cfg.rcnn, rcnn_parts(model)
     return {"model_weights": weights_digest(*parts.weights),
             "proposal_set": f"{r.proposal_source}:{params_version(search_params_from_config(cfg))}:top{r.train_proposals}",
@@ -153,9 +154,6 @@ def extract_features(model: nn.Module, records, cache: FeatureCache, *, device: 
     Returns:
         {"computed", "skipped", "failed": {image_id: reason}, "seconds"}.
     """
-    from detect.errors import ImageReadError
-    from detect.runlog import ProgressBar
-
     parts = rcnn_parts(model)
     parts.module.eval().to(device)
     done = {"computed": 0, "skipped": 0, "failed": {}, "seconds": 0.0}

@@ -21,6 +21,7 @@ import torch
 from torchvision.ops import box_iou
 
 from detect.data.records import ImageRecord
+from detect.utils.io import atomic_open
 
 DEFAULT_COUNTS = (1, 10, 20, 50, 100, 200, 300, 500, 1000, 1500, 2000, 3000, 5000, 10000)
 AR_THRESHOLDS = np.round(np.arange(0.5, 0.951, 0.05), 2)
@@ -143,8 +144,6 @@ def plot_recall(reports: Mapping[str, dict], path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from detect.utils.io import atomic_open
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for label, report in reports.items():

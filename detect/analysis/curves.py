@@ -21,6 +21,7 @@ import numpy as np
 from detect.data.records import ImageRecord
 from detect.evaluation.voc import (ClassGroundTruth, ap_from_pr, detections_by_class,
                                    evaluate_class, ground_truth_by_class)
+from detect.utils.io import atomic_open
 
 SIZE_RANGES: dict[str, tuple[float, float]] = {"small": (0.0, 32.0 ** 2), "medium": (32.0 ** 2, 96.0 ** 2),
                                                "large": (96.0 ** 2, math.inf)}
@@ -156,8 +157,6 @@ def plot_pr_curves(ranked: list[RankedClass], path: str | Path, *, title: str = 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from detect.utils.io import atomic_open
 
     cols = min(4, max(1, len(ranked)))
     rows = max(1, math.ceil(len(ranked) / cols))

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from detect.data.records import ImageRecord
+from detect.utils.io import atomic_open
 
 SIZE_EDGES = (0.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, math.inf)
 COCO_EDGES = (0.0, 32.0, 96.0, math.inf)
@@ -89,8 +90,6 @@ def plot_distributions(distribution: dict[str, dict[str, int]], sides: dict[str,
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from detect.utils.io import atomic_open
 
     fig, (bar_ax, size_ax) = plt.subplots(1, 2, figsize=(12, 3.6))
     names = list(distribution)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detect.analysis.trunk import Layer, flatten_trunk, geometry, resolve_layer
+from detect.utils.io import atomic_open
 
 
 @dataclass
@@ -263,7 +264,6 @@ def plot_projections(projections: list[Projection], path: str | Path, *, title: 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from detect.utils.io import atomic_open
 
     recon = [to_display(p.reconstruction, p.field) for p in projections]
     patches = [p.image[p.field[0]:p.field[2], p.field[1]:p.field[3]] for p in projections]

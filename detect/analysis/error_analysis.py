@@ -32,9 +32,11 @@ import torch
 from torchvision.ops import box_iou
 
 from detect.analysis.curves import RankedClass, ap_from_tp_fp, rank_classes
+from detect.config import VOC_CLASSES
 from detect.data.records import ImageRecord
 from detect.data.voc import from_voc_pixels
 from detect.errors import ConfigError
+from detect.utils.io import atomic_open
 
 ERROR_TYPES = ("correct", "localization", "similar", "other", "background")
 CORRECT, LOCALIZATION, SIMILAR, OTHER, BACKGROUND = range(5)
@@ -53,8 +55,6 @@ VOC_SIMILAR_GROUPS: dict[str, list[str]] = {
 
 def default_similar_groups(class_names: list[str]) -> dict[str, list[str]]:
     """VOC's groups when every class is a VOC class (restricted to those present), else none."""
-    from detect.config import VOC_CLASSES
-
     if not class_names or not set(class_names) <= set(VOC_CLASSES):
         return {}
     present = set(class_names)
@@ -261,8 +261,6 @@ def plot_error_shares(diagnosis: Diagnosis, path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from detect.utils.io import atomic_open
 
     _, pooled_kinds = diagnosis.pooled()
     panels = [("overall", pooled_kinds, diagnosis.npos)] + [(d.name, d.kinds, d.npos) for d in diagnosis.classes]

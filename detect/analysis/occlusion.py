@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from detect.analysis.trunk import UnsupportedTrunkError, flatten_trunk, geometry
+from detect.utils.io import atomic_open
 
 
 class OcclusionScorer(Protocol):
@@ -265,7 +266,6 @@ def plot_occlusion(image: np.ndarray, omap: OcclusionMap, box, path: str | Path,
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from detect.utils.io import atomic_open
 
     height, width = image.shape[:2]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.6 * height / max(width, 1) + 0.8))

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from detect.errors import DetectError
+from detect.utils.io import atomic_open
 
 LOG_NAME = "metrics.jsonl"
 # numeric keys of a training line that are neither a loss term nor the learning rate
@@ -107,8 +108,6 @@ def plot_training_curves(log: TrainingLog, path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from detect.utils.io import atomic_open
 
     fig, (loss_ax, lr_ax, map_ax) = plt.subplots(1, 3, figsize=(13, 3.4))
     for key in log.loss_keys:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from detect.config import VOC_CLASSES
 from detect.data.image import read_image
 from detect.data.voc import box_problem, find_image, from_voc_pixels, read_objects, read_split
 from detect.errors import DatasetError, ImageReadError
@@ -133,8 +134,6 @@ def check_voc(root: str | Path, split: str, classes: list[str] | str = "auto", *
     if not split_path.is_file():
         read_split(root, split)          # raises, listing the available splits
     if classes == "voc":
-        from detect.config import VOC_CLASSES
-
         classes = list(VOC_CLASSES)
     elif isinstance(classes, str) and classes != "auto":
         raise DatasetError(f"classes must be a list of names, 'voc' or 'auto', got '{classes}'")

@@ -7,7 +7,8 @@ import shutil
 from pathlib import Path
 
 from detect.data.coco import COCODataset
-from detect.data.voc import VOCDataset, write_annotation, write_split
+from detect.data.voc import VOCDataset, find_image, write_annotation, write_split
+from detect.errors import DatasetError
 from detect.evaluation.coco import records_to_coco
 from detect.utils.io import atomic_write_json
 
@@ -69,9 +70,6 @@ def make_splits(voc_root: str | Path, *, test_fraction: float = 0.2, val_fractio
             there (unless ``overwrite``).
     """
     from sklearn.model_selection import train_test_split
-
-    from detect.data.voc import find_image
-    from detect.errors import DatasetError
 
     root = Path(voc_root)
     folder = root / "Annotations"

@@ -16,8 +16,10 @@ import numpy as np
 from defusedxml import ElementTree as SafeET
 from defusedxml.common import DefusedXmlException
 
+from detect.config import VOC_CLASSES
 from detect.data.records import ImageRecord
 from detect.errors import DatasetError
+from detect.utils.io import atomic_write_bytes, atomic_write_text
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -216,8 +218,6 @@ class VOCDataset:
 
     def __init__(self, root: str | Path, split: str, *, classes: list[str] | str = "voc", strict: bool = False,
                  class_split: str | None = None) -> None:
-        from detect.config import VOC_CLASSES
-
         self.root = Path(root)
         if not self.root.is_dir():
             raise DatasetError(f"dataset root not found: {self.root}")
@@ -261,8 +261,6 @@ class VOCDataset:
 
 def write_annotation(path: Path, record: ImageRecord, class_names: list[str], *, depth: int = 3) -> None:
     """Write one VOC XML file for ``record`` (boxes rounded to VOC's integer pixels)."""
-    from detect.utils.io import atomic_write_bytes
-
     root = ET.Element("annotation")
     ET.SubElement(root, "folder").text = "JPEGImages"
     ET.SubElement(root, "filename").text = Path(record.path).name
@@ -285,6 +283,4 @@ def write_annotation(path: Path, record: ImageRecord, class_names: list[str], *,
 
 
 def write_split(root: Path, split: str, ids: list[str]) -> None:
-    from detect.utils.io import atomic_write_text
-
     atomic_write_text(Path(root) / "ImageSets" / "Main" / f"{split}.txt", "".join(f"{i}\n" for i in ids))

@@ -1,8 +1,7 @@
 """Evaluation: PASCAL VOC AP exactly as the devkit, and COCO AP/AR through pycocotools."""
 
 from detect.evaluation.coco import evaluate_coco, records_to_coco
-from detect.evaluation.results import (read_coco_results, read_voc_results, write_coco_results,
-                                       write_voc_results)
+from detect.evaluation.results import (detections_to_coco, read_coco_results, read_voc_results, write_coco_results, write_voc_results)
 from detect.evaluation.voc import evaluate_voc
 
 METRIC_NAMES = {"voc07": "VOC07", "voc10": "VOC10", "coco": "COCO"}
@@ -18,8 +17,6 @@ def evaluate(records, detections, class_names, metric: str = "voc07") -> dict:
     if metric == "all":
         return {m: evaluate(records, detections, class_names, m) for m in ("voc07", "voc10", "coco")}
     if metric == "coco":
-        from detect.evaluation.results import detections_to_coco
-
         dataset, image_ids, category_ids = records_to_coco(records, class_names)
         return evaluate_coco(dataset, detections_to_coco(detections, image_ids, category_ids),
                              class_names=class_names, category_ids=category_ids)
