@@ -25,6 +25,7 @@ import yaml
 
 from detect.config_checks import check_ranges, parse_number, yaml_problem
 from detect.errors import ConfigError
+from detect.utils.io import atomic_write_text
 
 VOC_CLASSES = [
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
@@ -455,6 +456,4 @@ def config_to_dict(cfg: Config) -> dict:
 
 def dump_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically."""
-    from detect.utils.io import atomic_write_text
-
     atomic_write_text(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

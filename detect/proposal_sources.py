@@ -23,7 +23,11 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import remove_small_boxes
 
+from detect.data.loader import load_records, synthetic_root
 from detect.errors import ConfigError, DetectError
+from proposals.compute import compute_store, search_kwargs, search_params
+from proposals.selective_search import selective_search
+from proposals.store import ProposalStore
 
 
 class ProposalSource(Protocol):
@@ -66,9 +70,6 @@ class SelectiveSearchProposals:
         Selective search is a pure function of the pixels, so an image seen again (the next epoch,
         without ids to look it up by) costs a hash instead of a search.
         """
-        from proposals.compute import search_kwargs
-        from proposals.selective_search import selective_search
-
         pixels = (image.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
         pixels = np.ascontiguousarray(pixels)
         key = hashlib.blake2b(pixels.tobytes(), digest_size=16).digest() + bytes(str(pixels.shape), "ascii")
@@ -205,8 +206,6 @@ class ExternalProposals(nn.Module):
 
 def search_params_from_config(cfg) -> dict:
     """The store parameters ``cfg.proposals`` describes (the same key ``detect-proposals compute`` uses)."""
-    from proposals.compute import search_params
-
     p = cfg.proposals
     return search_params(backend=p.backend, mode=p.mode, max_side=p.max_side, min_box_size=p.min_box_size,
                          top_k=p.top_k, seed=p.seed, colour_spaces=p.colour_spaces or None, ks=p.ks or None,
@@ -220,8 +219,6 @@ def split_store_name(cfg, split: str) -> str:
 
     data = cfg.data
     if data.format == "synthetic":
-        from detect.data.loader import synthetic_root
-
         return split_key(Path(synthetic_root(data)).resolve().name, split)
     if data.format == "coco":
         return split_key(Path(data.annotations.replace("{split}", split)).stem)
@@ -230,8 +227,6 @@ def split_store_name(cfg, split: str) -> str:
 
 def open_store(cfg, split: str):
     """The :class:`proposals.store.ProposalStore` holding one split's boxes."""
-    from proposals.store import ProposalStore
-
     if not cfg.proposals.store:
         raise ConfigError(f"{cfg.source or 'config'}: proposals.store is empty: set it to the proposal store "
                           "directory (filled by 'detect-proposals compute')")
@@ -267,9 +262,6 @@ def ensure_stored_proposals(cfg, split: str, *, workers: int | None = None, shar
     torchrun's RANK/WORLD_SIZE, each rank calling this); a sharded fill leaves its part file unmerged:
     once every shard is done, one process calls ``open_store(cfg, split).merge()``.
     """
-    from detect.data.loader import load_records
-    from proposals.compute import compute_store
-
     records, _, _ = load_records(cfg, split)
     store = open_store(cfg, split)
     workers = max(1, cfg.train.workers if workers is None else workers)

@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 import torch
 
 from detect import distributed
+from detect.alternating import fit_alternating
 from detect.build import build_model, model_from_checkpoint
 from detect.checkpoint import latest_checkpoint, list_checkpoints, load_model_weights, save_checkpoint
 from detect.config import Config, config_to_dict, dump_config
@@ -179,8 +180,6 @@ def _train_network(cfg: Config, train_set, opt: RunOptions) -> tuple[Detector, d
         if cfg.pretrain.steps:
             raise ConfigError(f"{cfg.source or 'config'}: pretrain.steps is not combined with train.training_mode "
                               "'alternating' (set pretrain.steps=0, or train jointly)")
-        from detect.alternating import fit_alternating   # builds on detect.engine.fit like this module
-
         result = fit_alternating(build, train_set, cfg, out_dir=opt.out, device=opt.device, val_set=val_set,
                                  resume=opt.resume is not None, log=opt.log, progress=opt.progress)
         return result["model"], result

@@ -17,8 +17,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from detect.data.image import read_image
 from detect.errors import DetectError
-from proposals.selective_search import MODES, strategies
+from detect.runlog import ProgressBar
+from proposals.selective_search import MODES, selective_search, strategies
 from proposals.store import ProposalStore
 
 # Bump when a code change alters the boxes for the same parameters: old stores then stop matching.
@@ -103,9 +105,6 @@ def _init_worker(params: dict) -> None:
 
 
 def _work(item: tuple[str, str]) -> tuple[str, np.ndarray | None, str]:
-    from detect.data.image import read_image
-    from proposals.selective_search import selective_search
-
     image_id, path = item
     try:
         image = read_image(path)
@@ -130,8 +129,6 @@ def compute_store(items: Sequence[tuple[str, str | Path]], store: ProposalStore,
         merge: merge the parts into one file at the end; default: when unsharded and nothing failed.
         log: if given, one line saying what is about to be computed (images, parameters, processes).
     """
-    from detect.runlog import ProgressBar
-
     index, count = shard
     ids = [str(i) for i, _ in items]
     if len(set(ids)) != len(ids):

@@ -6,7 +6,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from detect.data.coco import COCODataset
+from detect.data.folder import list_images
 from detect.data.records import ImageRecord
+from detect.data.voc import VOCDataset
 from detect.errors import DatasetError
 
 
@@ -43,8 +46,6 @@ def split_key(*parts: str) -> str:
 
 def voc_source(root: str | Path, split: str, *, name: str | None = None) -> ImageSource:
     """A VOC split (classes discovered from its annotations)."""
-    from detect.data.voc import VOCDataset
-
     data = VOCDataset(root, split, classes="auto")
     items = [(r.image_id, Path(r.path)) for r in data.records]
     return ImageSource(name or split_key(Path(root).resolve().name, split), items, data.records, data.class_names)
@@ -52,8 +53,6 @@ def voc_source(root: str | Path, split: str, *, name: str | None = None) -> Imag
 
 def coco_source(annotations: str | Path, images: str | Path, *, name: str | None = None) -> ImageSource:
     """A COCO split: instances JSON plus the folder its ``file_name`` entries are relative to."""
-    from detect.data.coco import COCODataset
-
     data = COCODataset(annotations, images)
     items = [(r.image_id, Path(r.path)) for r in data.records]
     return ImageSource(name or split_key(Path(annotations).stem), items, data.records, data.class_names)
@@ -61,8 +60,6 @@ def coco_source(annotations: str | Path, images: str | Path, *, name: str | None
 
 def folder_source(folder: str | Path, *, name: str | None = None) -> ImageSource:
     """Every image under a folder; the id is the path relative to it, without the extension."""
-    from detect.data.folder import list_images
-
     folder = Path(folder)
     paths = list_images(folder)
     ids = [p.relative_to(folder).with_suffix("").as_posix() for p in paths]

@@ -252,6 +252,7 @@ def test_filling_says_what_it_computes_with_train_workers_by_default(tmp_path, m
     compute_store says what it is about to do. Catches the old default of one process."""
     import proposals.compute as compute
     from detect.config import Config
+    from detect import proposal_sources
     from detect.proposal_sources import ensure_stored_proposals
 
     root = tmp_path / "voc"
@@ -261,7 +262,7 @@ def test_filling_says_what_it_computes_with_train_workers_by_default(tmp_path, m
     cfg.proposals.store, cfg.proposals.mode, cfg.proposals.top_k, cfg.train.workers = str(tmp_path / "s"), "single", 7, 3
     seen = {}
     real = compute.compute_store
-    monkeypatch.setattr(compute, "compute_store", lambda items, store, **kw: seen.update(kw) or real(
+    monkeypatch.setattr(proposal_sources, "compute_store", lambda items, store, **kw: seen.update(kw) or real(
         items, store, **{**kw, "workers": 1}))
     lines = []
     ensure_stored_proposals(cfg, "test", log=lines.append)

@@ -61,7 +61,7 @@ def test_streaming_rcnn_times_features_and_svms_together(tmp_path):
     runs = time_training(configs, out_dir=tmp_path / "runs", limit=3, clock=TickClock(), log=lambda m: None)
     rcnn = runs["rcnn"]
     assert rcnn["seconds"] == {"proposals": 1.0, "train": 1.0, "features": 1.0, "svm": 0.0, "bbox": 1.0}
-    assert rcnn["model"].svm.trained and rcnn["model"].box_regressor.trained and rcnn["images"] == 3
+    assert rcnn["model"].head.svm.trained and rcnn["model"].head.box_regressor.trained and rcnn["images"] == 3
     assert not (tmp_path / "runs" / "rcnn" / "features").exists()                # nothing cached on disk
 
 

@@ -16,14 +16,13 @@ import time
 from pathlib import Path
 
 import torch
+from detect import build_model, load_config
+from detect.analysis.occlusion import DetectorBoxScorer, _positions, occlusion_map
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from detect import build_model, load_config
-    from detect.analysis.occlusion import DetectorBoxScorer, _positions, occlusion_map
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "faster_rcnn" / "tiny_synthetic.yaml")
     parser.add_argument("--size", default="600x1000", help="image HxW")

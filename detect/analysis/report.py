@@ -22,12 +22,19 @@ import numpy as np
 import torch
 
 from detect.analysis import curves, error_analysis, report_sections, samples
+from detect.analysis.deconvnet import DeconvNet, plot_projections, resize_like_model
 from detect.analysis.html import HtmlReport
+from detect.analysis.occlusion import DetectorBoxScorer, occlusion_map, plot_occlusion
+from detect.analysis.trunk import UnsupportedTrunkError
 from detect.data.image import read_image
 from detect.data.loader import image_to_tensor
 from detect.data.records import ImageRecord
 from detect.errors import DetectError, ImageReadError
+from detect.runlog import json_safe
+from detect.utils.io import atomic_write_text
 from detect.visualize import legend_entries
+from proposals.recall import evaluate_recall, plot_recall
+from proposals.store import ProposalStore
 
 THUMB_WIDTH = 320          # gallery thumbnails: tags drawn at this size stay readable
 FULL_SIDE = 1600           # the full-size drawing a thumbnail opens
@@ -82,8 +89,6 @@ def open_proposal_store(path: str | Path):
 
     A split folder holding exactly one version folder is accepted too.
     """
-    from proposals.store import ProposalStore
-
     path = Path(path)
     if not (path / "params.json").is_file():
         versions = [p for p in path.glob("*/params.json")] if path.is_dir() else []
@@ -151,7 +156,6 @@ class _Builder:
     def proposal_recall(self) -> None:
         if self.opt.proposals is None and not self.opt.rpn_recall:
             return
-        from proposals.recall import evaluate_recall, plot_recall
 
         self.page.section("Proposal recall")
         reports = {}
@@ -232,7 +236,6 @@ class _Builder:
     def occlusion(self) -> None:
         if self.opt.occlusion <= 0:
             return
-        from detect.analysis.occlusion import DetectorBoxScorer, occlusion_map, plot_occlusion
 
         self.page.section("Occlusion sensitivity")
         if not hasattr(self.model, "score_boxes"):
@@ -269,8 +272,6 @@ class _Builder:
     def deconvnet(self) -> None:
         if self.opt.deconv_layer == "":
             return
-        from detect.analysis.deconvnet import DeconvNet, plot_projections, resize_like_model
-        from detect.analysis.trunk import UnsupportedTrunkError
 
         self.page.section("Deconvnet")
         if not hasattr(self.model, "transform_for_test"):   # not a Detector: no input pipeline to project through
@@ -326,9 +327,6 @@ def build_report(model, records: list[ImageRecord], class_names: list[str], dete
     Returns:
         The path of ``index.html``.
     """
-    from detect.runlog import json_safe
-    from detect.utils.io import atomic_write_text
-
     options = options or ReportOptions()
     b = _Builder(model, records, class_names, detections, Path(out_dir), options)
     steps = [("summary", lambda: b.summary(info or {})), ("dataset", b.dataset), ("training curves", b.training),

@@ -25,9 +25,14 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from detect import distributed
+from detect.data.coco import COCODataset
 from detect.data.image import DEFAULT_MAX_PIXELS, image_size, pil_to_rgb, read_image
 from detect.data.records import ImageRecord
+from detect.data.synthetic import SYNTHETIC_CLASSES, generate_synthetic
+from detect.data.voc import VOCDataset
 from detect.errors import DatasetError, ImageReadError
+from detect.transforms import hflip
 
 DEFAULT_SYNTHETIC_ROOT = Path("data") / "synthetic"
 
@@ -129,8 +134,6 @@ class DetectionDataset(Dataset):
             return Skipped(record.image_id, str(record.path), str(exc))
         boxes = torch.from_numpy(record.boxes.copy())
         if flip:
-            from detect.transforms import hflip
-
             image, boxes = hflip(image, boxes)
         # image_id and flipped let a model look up this image's stored proposals (Fast R-CNN, R-CNN).
         target = {"boxes": boxes, "labels": torch.from_numpy(record.labels.copy()), "image_id": record.image_id,
@@ -272,9 +275,6 @@ def synthetic_root(data_cfg) -> Path:
 
 def ensure_synthetic(data_cfg) -> Path:
     """Generate the synthetic dataset unless it already exists (rank 0 writes, the others wait)."""
-    from detect import distributed
-    from detect.data.synthetic import generate_synthetic
-
     root = synthetic_root(data_cfg)
     if distributed.is_main():
         generate_synthetic(root, num_images=data_cfg.synthetic_images, seed=data_cfg.synthetic_seed,
@@ -291,12 +291,8 @@ def load_records(cfg, split: str, *, strict: bool = False):
     """
     data = cfg.data
     if data.format == "voc" or data.format == "synthetic":
-        from detect.data.voc import VOCDataset
-
         classes = data.classes
         if data.format == "synthetic":
-            from detect.data.synthetic import SYNTHETIC_CLASSES
-
             root = ensure_synthetic(data)
             if not isinstance(classes, list):
                 classes = list(SYNTHETIC_CLASSES)
@@ -308,8 +304,6 @@ def load_records(cfg, split: str, *, strict: bool = False):
         source = VOCDataset(root, split, classes=classes, strict=strict, class_split=data.train_split)
         return source.records, source.class_names, None
     if data.format == "coco":
-        from detect.data.coco import COCODataset
-
         if not data.annotations:
             raise DatasetError("data.annotations is empty: set it to the instances JSON, '{split}' is substituted")
         source = COCODataset(data.annotations.replace("{split}", split), data.root.replace("{split}", split),

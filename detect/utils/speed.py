@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from detect.evaluation.results import detection_to_numpy
+from detect.proposal_sources import FixedProposals, SelectiveSearchProposals, search_params_from_config
 from detect.utils.timing import use_clock
 
 # The detector's timing keys (detect.detector.TIMING_KEYS) as the ladder's columns.
@@ -29,8 +30,6 @@ def timed_selective_search(cfg, dataset, count: int, clock: Callable[[], float] 
     Returns:
         (boxes by image id, seconds per image on ``clock``, wall seconds per image).
     """
-    from detect.proposal_sources import SelectiveSearchProposals, search_params_from_config
-
     source = SelectiveSearchProposals(params=search_params_from_config(cfg), top_k=cfg.proposals.top_k, memo_size=0)
     boxes, seconds, wall = {}, 0.0, 0.0
     for index in range(count):
@@ -61,8 +60,6 @@ def time_images(model, dataset, indices: Sequence[int], boxes_by_id: dict | None
         (detections by image id in numpy, sums over the images: "proposals", "features", "heads" on ``clock``,
         "wall" (``predict``'s elapsed time, scaled alike), "rois" (N), "sampled" (K run) and "images").
     """
-    from detect.proposal_sources import FixedProposals
-
     cuda = torch.device(device).type == "cuda"
     sums = {"proposals": 0.0, "features": 0.0, "heads": 0.0, "wall": 0.0, "rois": 0.0, "sampled": 0.0, "images": 0}
     detections = {}
@@ -115,8 +112,6 @@ def warm_up(model, dataset, count: int, boxes_by_id: dict | None, *, device, sam
 
     R-CNN's warps go through the CNN batch after batch, so one window batch of its proposals is enough.
     """
-    from detect.proposal_sources import FixedProposals
-
     for index in range(count):
         item = dataset[index]
         if not isinstance(item, tuple):

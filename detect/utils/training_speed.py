@@ -24,6 +24,14 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from detect import build_model, load_config
+from detect.data.loader import DetectionDataset, load_records
+from detect.engine import fit
+from detect.errors import ConfigError
+from detect.feature_cache import FeatureCache
+from detect.proposal_sources import open_store
+from detect.rcnn_streaming import fit_svms_streaming
+from proposals.compute import compute_store
 
 STAGES = ("proposals", "train", "features", "svm", "bbox")
 LABELS = {"rcnn": "R-CNN", "fast": "Fast R-CNN", "faster": "Faster R-CNN"}
@@ -50,9 +58,6 @@ def load_training_configs(paths: list, overrides: list[str], *, iters: int = 0) 
     Raises:
         ConfigError: a pipeline given twice, or ``iters`` < 0.
     """
-    from detect import load_config
-    from detect.errors import ConfigError
-
     if iters < 0:
         raise ConfigError(f"--iters {iters}: must be >= 0")
     schedule = [f"train.max_iter={iters}", f"train.steps=[{max(1, 3 * iters // 4)}]"] if iters else []
@@ -130,8 +135,6 @@ def time_training(configs: list, *, out_dir: str | Path, limit: int = 0, device:
 
 
 def _training_set(cfg, limit: int):
-    from detect.data.loader import DetectionDataset, load_records
-
     records, names, coco_ids = load_records(cfg, cfg.data.train_split)
     records = records[:limit] if limit > 0 else records
     return records, DetectionDataset(records, names, train=True, use_difficult=cfg.data.use_difficult,
@@ -140,9 +143,6 @@ def _training_set(cfg, limit: int):
 
 def _fill_store(cfg, records, watch: _Stopwatch, filled: dict, progress: bool, log) -> bool:
     """Selective search of the images into the store (in this process); True if another pipeline filled it."""
-    from detect.proposal_sources import open_store
-    from proposals.compute import compute_store
-
     store = open_store(cfg, cfg.data.train_split)
     if store.directory in filled:
         watch.seconds["proposals"], watch.wall["proposals"] = filled[store.directory]
@@ -155,9 +155,6 @@ def _fill_store(cfg, records, watch: _Stopwatch, filled: dict, progress: bool, l
 
 
 def _train(cfg, train_set, out_dir: Path, watch: _Stopwatch, device, progress: bool, log):
-    from detect import build_model
-    from detect.engine import fit
-
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, class_names=train_set.class_names)
     with watch("train"):
@@ -167,13 +164,10 @@ def _train(cfg, train_set, out_dir: Path, watch: _Stopwatch, device, progress: b
 
 def _rcnn_stages(model, cfg, records, out_dir: Path, watch: _Stopwatch, device, progress: bool, log) -> None:
     """R-CNN's stages 2-4 in the configured feature mode."""
-    from detect.feature_cache import FeatureCache
     from detect.rcnn_training import (cache_fingerprint, extract_features, fit_regression_rows,
                                       fit_regression_stage, fit_svm_stage)
 
     if cfg.rcnn.feature_cache_mode == "streaming":
-        from detect.rcnn_streaming import fit_svms_streaming
-
         with watch("features"):
             streamed = fit_svms_streaming(model, records, cfg, device=device, progress=progress, log=log)
         watch.seconds["svm"] = watch.wall["svm"] = 0.0
