@@ -21,7 +21,7 @@ import torch
 from torchvision.ops import box_iou
 
 from detect.data.records import ImageRecord
-from detect.utils.io import atomic_open
+from detect.utils.io import save_figure
 
 DEFAULT_COUNTS = (1, 10, 20, 50, 100, 200, 300, 500, 1000, 1500, 2000, 3000, 5000, 10000)
 AR_THRESHOLDS = np.round(np.arange(0.5, 0.951, 0.05), 2)
@@ -161,8 +161,4 @@ def plot_recall(reports: Mapping[str, dict], path: str | Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_open(path, "wb", encoding=None) as handle:
-        fig.savefig(handle, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

@@ -21,7 +21,7 @@ import numpy as np
 from detect.data.records import ImageRecord
 from detect.evaluation.voc import (ClassGroundTruth, ap_from_pr, detections_by_class,
                                    evaluate_class, ground_truth_by_class)
-from detect.utils.io import atomic_open
+from detect.utils.io import save_figure
 
 SIZE_RANGES: dict[str, tuple[float, float]] = {"small": (0.0, 32.0 ** 2), "medium": (32.0 ** 2, 96.0 ** 2),
                                                "large": (96.0 ** 2, math.inf)}
@@ -177,9 +177,5 @@ def plot_pr_curves(ranked: list[RankedClass], path: str | Path, *, title: str = 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_open(path, "wb", encoding=None) as handle:
-        fig.savefig(handle, format="png", dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=80)
 

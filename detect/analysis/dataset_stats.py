@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from detect.data.records import ImageRecord
-from detect.utils.io import atomic_open
+from detect.utils.io import save_figure
 
 SIZE_EDGES = (0.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, math.inf)
 COCO_EDGES = (0.0, 32.0, 96.0, math.inf)
@@ -111,8 +111,4 @@ def plot_distributions(distribution: dict[str, dict[str, int]], sides: dict[str,
     for ax in (bar_ax, size_ax):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_open(path, "wb", encoding=None) as handle:
-        fig.savefig(handle, format="png", dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=80)

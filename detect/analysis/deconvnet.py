@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detect.analysis.trunk import Layer, flatten_trunk, geometry, resolve_layer
-from detect.utils.io import atomic_open
+from detect.utils.io import save_figure
 
 
 @dataclass
@@ -275,8 +275,4 @@ def plot_projections(projections: list[Projection], path: str | Path, *, title: 
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_open(path, "wb", encoding=None) as handle:
-        fig.savefig(handle, format="png", dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)

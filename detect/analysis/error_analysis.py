@@ -36,7 +36,7 @@ from detect.config import VOC_CLASSES
 from detect.data.records import ImageRecord
 from detect.data.voc import from_voc_pixels
 from detect.errors import ConfigError
-from detect.utils.io import atomic_open
+from detect.utils.io import save_figure
 
 ERROR_TYPES = ("correct", "localization", "similar", "other", "background")
 CORRECT, LOCALIZATION, SIMILAR, OTHER, BACKGROUND = range(5)
@@ -286,8 +286,4 @@ def plot_error_shares(diagnosis: Diagnosis, path: str | Path) -> Path:
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=len(ERROR_TYPES), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    path = Path(path)
-    with atomic_open(path, "wb", encoding=None) as handle:
-        fig.savefig(handle, format="png", dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=80)

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from detect.analysis.trunk import UnsupportedTrunkError, flatten_trunk, geometry
-from detect.utils.io import atomic_open
+from detect.utils.io import save_figure
 
 
 class OcclusionScorer(Protocol):
@@ -286,8 +286,4 @@ def plot_occlusion(image: np.ndarray, omap: OcclusionMap, box, path: str | Path,
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_open(path, "wb", encoding=None) as handle:
-        fig.savefig(handle, format="png", dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=80)

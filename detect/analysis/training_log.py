@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from detect.errors import DetectError
-from detect.utils.io import atomic_open
+from detect.utils.io import save_figure
 
 LOG_NAME = "metrics.jsonl"
 # numeric keys of a training line that are neither a loss term nor the learning rate
@@ -129,8 +129,4 @@ def plot_training_curves(log: TrainingLog, path: str | Path) -> Path:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_open(path, "wb", encoding=None) as handle:
-        fig.savefig(handle, format="png", dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=80)

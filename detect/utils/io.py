@@ -213,3 +213,15 @@ def _read_holder(path: Path) -> str:
         return path.read_text(encoding="utf-8", errors="replace").strip()[:200]
     except OSError:
         return ""
+
+
+def save_figure(fig, path: str | Path, *, dpi: int = 80) -> Path:
+    """Write a matplotlib figure as a PNG, atomically, and close it; returns the path."""
+    import matplotlib.pyplot as plt   # matplotlib only for the reports and plots, not for `import detect`
+
+    path = Path(path)
+    with atomic_open(path, "wb", encoding=None) as handle:
+        fig.savefig(handle, format="png", dpi=dpi)
+    plt.close(fig)
+    return path
+
