@@ -23,6 +23,14 @@ def test_negative_process_count_is_an_error(capsys):
     assert "--processes must be 0 or more, got -1" in capsys.readouterr().err
 
 
+def test_runtime_flags_reach_the_tools_it_calls():
+    """--threads / --no-flush-denormal are handed to train, test and demo (a quickstart that kept them would train
+    with the default thread count)."""
+    assert quickstart.runtime_flags(quickstart.parse_args(["--threads", "3", "--no-flush-denormal"])) == \
+        ["--threads", "3", "--no-flush-denormal"]
+    assert quickstart.runtime_flags(quickstart.parse_args([])) == []
+
+
 def test_short_demo_trains_in_two_processes(tmp_path, capfd):
     out = tmp_path / "qs"
     code = quickstart.main(["--out", str(out), "--no-progress", "--processes", "2",
