@@ -23,6 +23,22 @@ def test_negative_process_count_is_an_error(capsys):
     assert "--processes must be 0 or more, got -1" in capsys.readouterr().err
 
 
+def test_runtime_flags_reach_the_tools_it_calls(tmp_path, monkeypatch):
+    """--threads / --no-flush-denormal are handed to train, test and demo (a quickstart that kept them would train
+    and test with the default thread count)."""
+    from detect.cli import demo, test, train
+
+    seen = {}
+    monkeypatch.setattr(train, "run", lambda args: seen.setdefault("train", args))
+    monkeypatch.setattr(test, "run", lambda args: seen.setdefault("test", args) and {"metrics": {"voc07": {"mAP": 0.0}}})
+    monkeypatch.setattr(demo, "run", lambda args: seen.setdefault("demo", args))
+    quickstart.run(quickstart.parse_args(["--out", str(tmp_path / "qs"), "--threads", "3", "--no-flush-denormal",
+                                          "--set", "data.synthetic_images=6", "--set", f"data.root={tmp_path / 'd'}"]))
+    assert {name: (args.threads, args.flush_denormal) for name, args in seen.items()} == \
+        {"train": (3, False), "test": (3, False), "demo": (3, False)}
+    assert quickstart.runtime_flags(quickstart.parse_args([])) == []
+
+
 def test_short_demo_trains_in_two_processes(tmp_path, capfd):
     out = tmp_path / "qs"
     code = quickstart.main(["--out", str(out), "--no-progress", "--processes", "2",

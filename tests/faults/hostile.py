@@ -51,7 +51,11 @@ def temp_files(root: Path) -> list[Path]:
 
 
 def _single_thread() -> None:
-    """A forked child must not use the parent's thread pools (they did not survive the fork)."""
+    """A forked child must not use the parent's thread pools (they did not survive the fork).
+
+    The environment variable too: the tools size their pool themselves (detect.utils.runtime), from it.
+    """
+    os.environ["OMP_NUM_THREADS"] = "1"
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
 

@@ -47,6 +47,7 @@ class Child:
                 os.close(read_fd)
                 os.setpgid(0, 0)   # its own group, so its DataLoader workers can be reaped with it
                 torch.set_num_threads(1)
+                os.environ["OMP_NUM_THREADS"] = "1"   # what the tools' automatic thread count follows
                 sys.stdout = sys.stderr = open(self.log, "w", buffering=1, encoding="utf-8")
                 code = int(target(lambda byte: os.write(write_fd, byte)) or 0)
             except SystemExit as exc:
