@@ -166,6 +166,7 @@ HELP: dict[str, str] = {
     "rcnn.feature_layer": "SVM features: fc7 or pool5",
     "rcnn.feature_cache": "folder of the stage-2 feature cache; empty: <run>/features",
     "rcnn.score_thresh": "testing: detections with an SVM score below this are dropped",
+    "rcnn.feature_cache_mode": "stages 2-3: 'full' writes every proposal's features to the cache (the paper's way), 'streaming' mines image by image and keeps only positives, hard negatives and stage 4's rows (bounded disk)",
     "rcnn.finetune_score_thresh": "testing before the SVMs are trained (stage 3): minimum fine-tuned softmax score",
     "rcnn.nms_thresh": "testing: IoU of the per-class NMS",
     "rcnn.detections_per_img": "testing: most detections kept per image",
