@@ -14,10 +14,11 @@ mined against the current SVMs and dropped; only what the mining and stage 4 nee
    are kept for stage 4 (:func:`detect.rcnn_training.fit_regression_rows`).
 
 Features are rounded to float16, as the cache stores them, so the same CNN outputs give bitwise the
-same SVMs in both modes. The price is reading each image three times (~200 of them), twice the others,
-and computing the ground-truth boxes' features in their own batch: a CNN whose output depended on the
-batch's other rows would differ in the last bits (the tiny, AlexNet and VGG16 trunks in eval mode do
-not, on the CPU at 1 and 2 threads; cuDNN may choose another algorithm per batch size on a GPU).
+same SVMs in both modes, provided the CNN gives a row the same output in any batch of 8 rows or more
+(:meth:`detect.rcnn_training.RCNNParts.features` keeps every batch that large): the tiny, AlexNet and
+VGG16 trunks in eval mode do on the CPU at 1 and 2 threads (batches of 1-3 rows do not); cuDNN may
+choose another algorithm per batch size on a GPU. The price is reading each image three times (the
+~200 of the scale sample; the others twice) and computing the ground-truth rows in their own call.
 """
 
 from __future__ import annotations
@@ -151,8 +152,8 @@ def _ground_truth_pass(parts: RCNNParts, records, read: dict, keep_pool5: bool, 
             failed[record.image_id] = str(exc)
             log(f"features: skipped image {record.image_id}: {exc}")
             continue
-        pool5, fc7 = parts.region_features(rows.image, rows.boxes[: rows.num_gt])
-        truth.append(_GroundTruth(record, _half(parts.svm_features(pool5, fc7)),
+        pool5, features = parts.features(rows.image, rows.boxes[: rows.num_gt])
+        truth.append(_GroundTruth(record, _half(features),
                                   _half(pool5 if keep_pool5 else pool5[:0]),
                                   rows.gt_classes[: rows.num_gt].cpu().numpy(), len(rows.boxes)))
         boxes += rows.num_gt
@@ -176,8 +177,7 @@ def _scale_pass(parts: RCNNParts, truth: list, target_norm: float, read: dict, p
         features = [t.features[gt_rows]]
         if len(prop_rows):
             image = _same_rows(parts, t, read)
-            pool5, fc7 = parts.region_features(image.image, image.boxes[torch.from_numpy(prop_rows)])
-            features.append(_half(parts.svm_features(pool5, fc7)))
+            features.append(_half(parts.features(image.image, image.boxes[torch.from_numpy(prop_rows)])[1]))
         norms.append(np.linalg.norm(np.concatenate(features).astype(np.float32), axis=1))
     bar.close()
     return scale_from_norms(norms, target_norm)
@@ -203,8 +203,8 @@ def _stream_image(parts: RCNNParts, t: _GroundTruth, read: dict, bbox_reg, out: 
     of a full cache is counted.
     """
     rows = _same_rows(parts, t, read)
-    pool5, fc7 = parts.region_features(rows.image, rows.boxes[rows.num_gt:])
-    features = np.concatenate([t.features, _half(parts.svm_features(pool5, fc7))])
+    pool5, proposal_features = parts.features(rows.image, rows.boxes[rows.num_gt:])
+    features = np.concatenate([t.features, _half(proposal_features)])
     overlaps = rows.overlaps.cpu().numpy()
     if first_pass:
         keep = regression_row_indices(rows.overlaps, bbox_reg.min_overlap).numpy()

@@ -70,6 +70,23 @@ class RCNNParts:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def features(self, image: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
+        """pool5 (R, D5) and SVM features (R, D) of an image's regions, the CNN never given fewer than 8 rows.
+
+        The CPU kernels take other paths for a batch of 1-3 rows, where fc7 differs in the last bits from
+        the same row in a larger batch. Each call is padded to a multiple of ``PAD_ROWS`` rows (the last box
+        repeated; then every batch the CNN sees holds 8 rows or more for any ``window_batch`` divisible by
+        4), so a row's features do not depend on the call that computed it: what lets the streaming mode
+        match the cache bit for bit.
+        """
+        pad = (-len(boxes)) % PAD_ROWS
+        padded = torch.cat([boxes, boxes[-1:].expand(pad, 4)]) if len(boxes) and pad else boxes
+        pool5, fc7 = self.region_features(image, padded)
+        return pool5[: len(boxes)], self.svm_features(pool5, fc7)[: len(boxes)]
+
+
+PAD_ROWS = 8
+
 
 def rcnn_parts(model: nn.Module) -> RCNNParts:
     """The one place that knows an R-CNN detector's parts (:class:`detect.detector.Detector` with a WarpHead)."""
@@ -172,10 +189,10 @@ def extract_features(model: nn.Module, records, cache: FeatureCache, *, device: 
             done["failed"][record.image_id] = str(exc)
             log(f"features: skipped image {record.image_id}: {exc}")
             continue
-        pool5, fc7 = parts.region_features(rows.image, rows.boxes)
+        pool5, features = parts.features(rows.image, rows.boxes)
         keep = regression_row_indices(rows.overlaps, min_overlap)
         cache.put(record.image_id, boxes=rows.boxes.cpu().numpy(), gt_classes=rows.gt_classes.cpu().numpy(),
-                  overlaps=rows.overlaps.cpu().numpy(), features=parts.svm_features(pool5, fc7).cpu().numpy(),
+                  overlaps=rows.overlaps.cpu().numpy(), features=features.cpu().numpy(),
                   pool5_rows=keep.numpy(), pool5=pool5[keep.to(pool5.device)].cpu().numpy())
         done["computed"] += 1
         bar.describe(f"{done['computed']} computed, {done['skipped']} cached, {len(done['failed'])} failed")

@@ -163,8 +163,8 @@ def compute_store(items: Sequence[tuple[str, str | Path]], store: ProposalStore,
                 else:
                     writer.add(image_id, boxes)
                     summary.computed += 1
-                bar.update(1)
                 bar.describe(f"{summary.computed} computed, {len(summary.failed)} failed, {workers} process(es)")
+                bar.update(1)
         finally:
             bar.close()
             if pool is not None:

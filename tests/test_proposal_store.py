@@ -259,7 +259,8 @@ def test_filling_says_what_it_computes_with_train_workers_by_default(tmp_path, m
     make_voc_tree(root, num_images=3)
     cfg = Config()
     cfg.data.root, cfg.data.classes, cfg.data.train_split = str(root), ["cat", "dog"], "test"
-    cfg.proposals.store, cfg.proposals.mode, cfg.proposals.top_k, cfg.train.workers = str(tmp_path / "s"), "single", 7, 3
+    cfg.proposals.store, cfg.proposals.mode, cfg.proposals.top_k = str(tmp_path / "s"), "single", 7
+    cfg.train.workers = 3
     seen = {}
     real = compute.compute_store
     monkeypatch.setattr(proposal_sources, "compute_store", lambda items, store, **kw: seen.update(kw) or real(
@@ -267,8 +268,8 @@ def test_filling_says_what_it_computes_with_train_workers_by_default(tmp_path, m
     lines = []
     ensure_stored_proposals(cfg, "test", log=lines.append)
     assert seen["workers"] == 3 and seen["shard"] == (0, 1)
-    assert lines == [f"proposals: 3 of 3 images to compute into {tmp_path / 's' / 'voc-test'}/"
-                     f"{ProposalStore(tmp_path / 's', 'voc-test', compute.search_params(mode='single', top_k=7)).version} "
+    version = ProposalStore(tmp_path / "s", "voc-test", compute.search_params(mode="single", top_k=7)).version
+    assert lines == [f"proposals: 3 of 3 images to compute into {tmp_path / 's' / 'voc-test' / version} "
                      "(ours 'single' mode, max side 1000, top 7; 1 process(es))"]
     ensure_stored_proposals(cfg, "test", workers=1, log=lines.append)
     assert seen["workers"] == 1 and len(lines) == 1              # nothing left to compute: nothing said

@@ -73,7 +73,8 @@ class TableRCNN(nn.Module):
 def _case(folder, n_images=16, hard_at=(5, 11), n_easy=30, seed=0):
     """Images with a box of class 0 (features x in [2, 3]) and of class 1 (z in [2, 3]); easy negatives far on
     both axes; images in ``hard_at`` add 3 negatives of class 0 on x = 1 and 3 of class 1 on z = 1 (on the
-    margin; a little closer in each later image); one proposal per image overlaps the class-0 box at IoU > 0.6 (stage 4's row).
+    margin; a little closer in each later image); one proposal per image overlaps the class-0 box at IoU > 0.6
+    (stage 4's row).
 
     Returns (model, records, planted {class: {(image index, row)}}).
     """

@@ -1,4 +1,4 @@
-"""The training-time ladder (tools/benchmark.py training): every pipeline's stages timed, the table's sums and ratios."""
+"""The training-time ladder (tools/benchmark.py training): each pipeline's stages timed, the table's sums, ratios."""
 
 from pathlib import Path
 

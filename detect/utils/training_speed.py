@@ -210,5 +210,6 @@ def format_training_table(runs: dict, *, cpu: str, threads: int, clock: str, not
                      "without proposals; the paper: 9x, 84 h vs 9.5 h, VGG16 on VOC07, Table 4)")
     if "fast" in runs and "faster" in runs:
         f, fr = (sum(runs[k]["seconds"].values()) for k in ("fast", "faster"))
-        lines.append(f"- Faster R-CNN trains {f / max(fr, 1e-12):.1f}x faster than Fast R-CNN with proposal time counted")
+        lines.append(f"- Faster R-CNN trains {f / max(fr, 1e-12):.1f}x faster than Fast R-CNN with proposal time "
+                     "counted")
     return "\n".join(lines)
