@@ -4,8 +4,7 @@ from pathlib import Path
 
 import torch
 
-from detect import load_config
-from detect.rcnn import build_rcnn
+from detect import build_model, load_config
 from detect.rcnn_training import PAD_ROWS, rcnn_parts
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "rcnn" / "tiny_synthetic.yaml"
@@ -17,7 +16,7 @@ def test_region_features_are_the_same_whichever_call_computes_them():
     torch.manual_seed(0)
     cfg = load_config(TINY, ["rcnn.proposal_source=ground_truth", "rcnn.crop_size=32", "rcnn.context_padding=2",
                              "rcnn.window_batch=16"])
-    model = build_rcnn(cfg, class_names=["a", "b"]).eval()
+    model = build_model(cfg, class_names=["a", "b"]).eval()
     parts = rcnn_parts(model)
     seen = []
     region_features = parts.region_features
