@@ -39,3 +39,8 @@ def voc_tree(tmp_path):
     _, names = make_voc_tree(root)
     data = VOCDataset(root, "test", classes=names)
     return root, data.records, names
+
+
+def pytest_configure(config):
+    # tests/test_fast_inference.py: inductor compiles C++ kernels (a minute on 2 busy cores, uncached)
+    config.addinivalue_line("markers", "slow: compiles with torch.compile; deselect with -m 'not slow'")

@@ -1,0 +1,128 @@
+"""``benchmark_torchvision.py --mode deploy``: our fast inference paths beside torchvision eager fp32.
+
+Rows per setting and thread count: torchvision eager fp32, ours eager fp32 (``prepare_for_inference``),
+ours compiled fp32, bf16 and int8 (:func:`detect.fast_inference.optimize`), all on the same images
+with the same weights and settings, one run each. Every row is measured in a fresh subprocess; its
+peak memory is that process's peak RSS (Linux ``VmHWM``, reset after the warm-up, so compilation
+is not counted; ``resource.getrusage`` maxrss where ``/proc`` is missing). The first two images
+are the warm-up (compilation happens there: its seconds are reported apart); ``--calibrate N``
+other training images calibrate int8.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from detect.cli.benchmark_pair import REPO, build_pair, load_images, peak_mb, reset_peak
+
+VARIANTS = {                   # name -> (model, precision, compiled)
+    "torchvision eager fp32": ("torchvision", "fp32", False),
+    "ours eager fp32": ("ours", "fp32", False),
+    "ours compiled fp32": ("ours", "fp32", True),
+    "ours compiled bf16": ("ours", "bf16", True),
+    "ours compiled int8": ("ours", "int8", True),
+}
+
+
+def measure_variant(spec: dict) -> dict:
+    """One row: images/s over ``passes`` passes, compile (warm-up) seconds, peak RSS MB."""
+    import torch
+
+    from detect.fast_inference import compile_count, optimize
+    from detect.utils.runtime import setup_runtime
+
+    setup_runtime(threads=spec["threads"])
+    kind, precision, compiled = VARIANTS[spec["variant"]]
+    ours, theirs, _ = build_pair(spec["setting"], 5, spec["overrides"], spec["size"])
+    images, _ = load_images(Path(spec["root"]), spec["images"] + spec["calibrate"])
+    images, calibration = images[: spec["images"]], images[spec["images"]:]
+    start = time.perf_counter()
+    if kind == "ours":
+        model = ours.eval().prepare_for_inference()
+        if compiled or precision != "fp32":
+            model = optimize(model, precision=precision, compile=compiled, calibration_images=calibration)
+        run = lambda im: model.predict([im])                    # noqa: E731
+    else:
+        theirs.eval()
+
+        def run(im):
+            with torch.inference_mode():
+                return theirs([im])
+    del ours
+    for im in images[:2]:
+        run(im)
+    warmup = time.perf_counter() - start
+    reset_peak()
+    start = time.perf_counter()
+    for _ in range(spec["passes"]):
+        for im in images:
+            run(im)
+    seconds = time.perf_counter() - start
+    return {"images_per_s": spec["passes"] * len(images) / seconds, "warmup_s": warmup, "peak_mb": peak_mb(),
+            "graphs": compile_count()}
+
+
+def _worker(spec: dict) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "detect.cli.benchmark_deploy", json.dumps(spec)],
+                          capture_output=True, text=True, env=env, cwd=REPO)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+        return {"error": tail[0][:200]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def deploy(args, settings: list[str], tmp: Path) -> str:
+    """Measure every variant for each setting and thread count (1 and 2, or ``--threads``); the table."""
+    import torch
+
+    from detect.data.synthetic import generate_synthetic
+    from detect.fast_inference import bf16_note, cpu_model
+    from detect.utils.io import atomic_write_text
+
+    note = bf16_note()
+    if note:
+        print(note)
+    root = generate_synthetic(tmp / "images", num_images=2 * (args.images + args.calibrate), seed=0,
+                              empty_fraction=0.0)
+    rows = []
+    for setting in settings:
+        for threads in ([args.threads] if args.threads else [1, 2]):
+            base = None
+            for variant in VARIANTS:
+                spec = dict(setting=setting, variant=variant, root=str(root), images=args.images,
+                            passes=args.passes, calibrate=args.calibrate, threads=threads,
+                            overrides=args.overrides, size=args.size)
+                r = _worker(spec)
+                if "error" in r:
+                    print(f"  {setting} {threads}t {variant}: failed: {r['error']}", flush=True)
+                    rows.append([setting, str(threads), variant, "failed", "", "", "", r["error"]])
+                    continue
+                base = r["images_per_s"] if variant.startswith("torchvision") else base
+                ratio = f"{r['images_per_s'] / base:.2f}x" if base else ""
+                print(f"  {setting} {threads}t {variant:24s} {r['images_per_s']:6.2f} images/s {ratio:>6s} "
+                      f"warm-up {r['warmup_s']:.0f} s, peak {r['peak_mb']:.0f} MB", flush=True)
+                rows.append([setting, str(threads), variant, f"{r['images_per_s']:.2f}", ratio,
+                             f"{r['peak_mb']:.0f}", f"{r['warmup_s']:.0f}", ""])
+    header = (f"Inference, this toolkit's fast paths vs torchvision {__import__('torchvision').__version__} eager "
+              f"fp32 (torch {torch.__version__}, {cpu_model()}, {os.cpu_count()} CPUs, "
+              f"load {os.getloadavg()[0]:.1f} at the end, {time.strftime('%Y-%m-%d')}, {args.images} images x "
+              f"{args.passes} passes, one run; peak = the subprocess's peak RSS after warm-up)"
+              + (f"\n\n{note}" if note else ""))
+    lines = [header, "", "| setting | threads | variant | images/s | vs torchvision | peak RSS MB | warm-up s | note |",
+             "|---|---|---|---|---|---|---|---|"] + ["| " + " | ".join(r) + " |" for r in rows]
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out, text)
+    return text
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure_variant(json.loads(sys.argv[1]))))

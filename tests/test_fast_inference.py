@@ -1,0 +1,87 @@
+"""detect.fast_inference: compiled fp32 equals eager; bf16 within its rounding; int8 and bf16 refusals/notes.
+
+The compiled test is marked ``slow`` (inductor builds C++ kernels: ~1-2 min on 2 busy cores the first
+time, seconds once its on-disk cache holds them); ``pytest -m "not slow"`` leaves it out.
+"""
+
+import pytest
+import torch
+
+from detect import build_model, load_config
+from detect.fast_inference import FastInferenceError, bf16_note, compile_count, cpu_flags, optimize
+
+NAMES = ["circle", "square", "triangle", "star", "ring"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = load_config("configs/faster_rcnn/tiny_synthetic.yaml", ["model.rpn.post_nms_top_n_test=50",
+                                                                  f"model.num_classes={len(NAMES)}"])
+    torch.manual_seed(0)
+    return build_model(cfg, class_names=NAMES).eval()
+
+
+def _images(*sizes):
+    g = torch.Generator().manual_seed(1)
+    return [torch.rand(3, h, w, generator=g) for h, w in sizes]
+
+
+@pytest.mark.slow
+def test_compiled_fp32_gives_eager_detections_on_new_sizes_without_recompiling(tiny):
+    # Catches: a compiled path that changes the numbers, and one that retraces per image size (dynamic=False).
+    fast = optimize(tiny, precision="fp32", compile=True)
+    first, second = _images((200, 300), (300, 220))
+    expected = [tiny.predict([im])[0] for im in (first, second)]
+    got = [fast.predict([first])[0]]
+    graphs = compile_count()
+    got.append(fast.predict([second])[0])
+    assert compile_count() == graphs           # a second size reuses the dynamic-shape graphs
+    for e, g in zip(expected, got):
+        assert len(e["boxes"]) == len(g["boxes"]) > 0
+        assert torch.equal(e["labels"], g["labels"])
+        assert (e["boxes"] - g["boxes"]).abs().max() <= 0.5
+        assert (e["scores"] - g["scores"]).abs().max() <= 1e-3
+
+
+def test_bf16_head_outputs_within_bf16_rounding(tiny):
+    # bf16 keeps 8 significant bits (relative rounding 2^-9 ~ 0.2% per op). On this model the class
+    # probabilities moved by 2e-4 and the regressed boxes by 0.003 px; 5e-3 and 0.5 px leave ~25x for
+    # other CPUs' kernels while a wrong-layer error (features left in bf16 into fp32 box decoding, a
+    # skipped layer) moves them by far more.
+    image = _images((240, 320))[0]
+    boxes = [torch.tensor([[10.0, 20.0, 120.0, 150.0], [50.0, 40.0, 300.0, 230.0], [0.0, 0.0, 64.0, 64.0]])]
+    (s32, b32), = tiny.score_boxes([image], boxes)
+    fast = optimize(tiny, precision="bf16", compile=False)
+    (s16, b16), = fast.score_boxes([image], boxes)
+    assert s16.dtype == torch.float32
+    assert 0 < (s32 - s16).abs().max() <= 5e-3     # not bit-equal: bf16 did run
+    assert (b32 - b16).abs().max() <= 0.5
+
+
+def test_optimize_leaves_the_original_detector_unchanged(tiny):
+    image = _images((200, 260))[0]
+    before = tiny.predict([image])[0]
+    optimize(tiny, precision="bf16", compile=False)
+    after = tiny.predict([image])[0]
+    assert torch.equal(before["boxes"], after["boxes"]) and torch.equal(before["scores"], after["scores"])
+    assert type(tiny.backbone.trunk).__name__ == "Sequential"
+
+
+def test_int8_without_calibration_images_is_refused(tiny):
+    with pytest.raises(FastInferenceError, match="int8 quantization needs calibration images"):
+        optimize(tiny, precision="int8", calibration_images=[])
+
+
+def test_unknown_precision_is_refused(tiny):
+    with pytest.raises(FastInferenceError, match="precision must be one of fp32, bf16, int8, got 'fp16'"):
+        optimize(tiny, precision="fp16")
+
+
+def test_bf16_note_names_the_missing_cpu_flags(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx avx2\n")
+    assert cpu_flags(info) == {"fpu", "sse", "avx", "avx2"}
+    note = bf16_note(cpu_flags(info))
+    assert note.startswith("bf16: this CPU has neither AVX512-BF16 nor AMX-BF16")
+    assert bf16_note({"avx2", "avx512_bf16"}) is None
+    assert bf16_note({"amx_bf16"}) is None
