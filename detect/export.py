@@ -206,11 +206,17 @@ def metadata(parts: Parts, *, config: dict, input_dtype: str, source: str, notes
 
 
 def check_image(height: int, width: int, seed: int) -> Tensor:
-    """A uint8 (3, H, W) image of flat random-coloured blocks (edges and regions for the detector to fire on)."""
+    """A uint8 (3, H, W) image of random-coloured blocks (edges and regions for the detector to fire on).
+
+    Each pixel gets a little noise, as a photo's do: on perfectly flat regions many anchors score the
+    same up to float rounding, and onnxruntime's convolutions (1e-5 from PyTorch's) rank such near-ties
+    differently, so the RPN proposes other boxes there (torch.export runs PyTorch's kernels: no such gap).
+    """
     generator = torch.Generator().manual_seed(seed)
-    cells = torch.randint(0, 256, (3, max(1, height // 24), max(1, width // 24)), dtype=torch.uint8,
-                          generator=generator)
-    return torch.nn.functional.interpolate(cells[None].float(), size=(height, width), mode="nearest")[0].to(torch.uint8)
+    cells = torch.randint(0, 256, (3, max(1, height // 24), max(1, width // 24)), generator=generator)
+    image = torch.nn.functional.interpolate(cells[None].float(), size=(height, width), mode="nearest")[0]
+    noise = torch.randint(-3, 4, image.shape, generator=generator)
+    return (image + noise).clamp(0, 255).to(torch.uint8)
 
 
 def check_sizes(parts: Parts) -> list[tuple[int, ...]]:
