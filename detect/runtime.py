@@ -179,12 +179,15 @@ class ExportedDetector:
             boxes = self.proposals([i.float() / 255 if i.dtype == torch.uint8 else i for i in images], image_ids)
             if timings is not None:
                 timings["proposals"] = timings.get("proposals", 0.0) + time.perf_counter() - start
+        if self.kind == "fast_rcnn" and len(boxes) != len(images):
+            raise DetectError(f"{self.path}: {len(boxes)} proposal tensors for {len(images)} images")
         results = []
         for i, image in enumerate(images):
             if self.kind == "faster_rcnn":
                 inputs = (image,)
             else:       # the best test_proposals, as the eager model keeps them
-                inputs = (image, boxes[i].detach().cpu().float().reshape(-1, 4)[: self.test_proposals or None])
+                given = torch.as_tensor(boxes[i]).detach().cpu().float().reshape(-1, 4)
+                inputs = (image, given[: self.test_proposals or None])
             start = time.perf_counter()
             out_boxes, scores, labels = self._run(*inputs)
             if timings is not None:

@@ -258,7 +258,8 @@ def test_runtime_scores_a_split_with_the_checkpoints_map(faster, fast, data):
         want = evaluate(records, eager, data["names"], "voc07")["mAP"]
         got = evaluate(records, exp, data["names"], "voc07")["mAP"]
         _, cfg, info = model_from_exported(run["files"]["onnx"], overrides=["test.metric=coco"])
-        assert cfg.model.pipeline == exported.kind and cfg.test.metric == "coco" and info["class_names"] == data["names"]
+        assert cfg.model.pipeline == exported.kind and cfg.test.metric == "coco"
+        assert info["class_names"] == data["names"] and info["path"] == str(run["files"]["onnx"])
         print(f"{exported.kind}: mAP eager {want:.4f}, onnx {got:.4f}")
         assert want > 0.02 and abs(got - want) <= 0.001, (want, got)
 

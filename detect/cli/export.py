@@ -8,7 +8,7 @@ The file holds the whole test-time path of one image of any size (Faster R-CNN: 
 Fast R-CNN: image and proposals in; R-CNN: the region scorer) with the class names and the
 config in its metadata. Before it is written, the export is run on image sizes it was not
 traced with and compared with the checkpoint's own detections; a difference is an error.
-``tools/test.py --checkpoint model.onnx`` and ``detect.runtime.load_exported`` run the file.
+``detect.runtime.load_exported(path).predict(images)`` runs the file as the checkpoint's model runs.
 """
 
 from __future__ import annotations
