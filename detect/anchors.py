@@ -79,15 +79,23 @@ class AnchorGenerator(nn.Module):
         cached = self._cache.get(key)
         if cached is not None:
             return cached
-        ys = (torch.arange(feature_height, dtype=self.base.dtype, device=self.base.device) + self.offset) * self.stride
-        xs = (torch.arange(feature_width, dtype=self.base.dtype, device=self.base.device) + self.offset) * self.stride
-        cy, cx = torch.meshgrid(ys, xs, indexing="ij")
-        centres = torch.stack((cx, cy, cx, cy), dim=-1).reshape(-1, 1, 4)
-        anchors = (centres + self.base[None]).reshape(-1, 4)
+        anchors = self.tile(feature_height, feature_width)
         if len(self._cache) > 32:      # multi-scale training sees many grid sizes
             self._cache.clear()
         self._cache[key] = anchors
         return anchors
+
+    def tile(self, feature_height: int, feature_width: int) -> Tensor:
+        """:meth:`forward` without the cache, so symbolic sizes work (``torch.export`` of a dynamic grid).
+
+        Returns:
+            (feature_height * feature_width * k, 4) boxes in input pixels.
+        """
+        ys = (torch.arange(feature_height, dtype=self.base.dtype, device=self.base.device) + self.offset) * self.stride
+        xs = (torch.arange(feature_width, dtype=self.base.dtype, device=self.base.device) + self.offset) * self.stride
+        cy, cx = torch.meshgrid(ys, xs, indexing="ij")
+        centres = torch.stack((cx, cy, cx, cy), dim=-1).reshape(-1, 1, 4)
+        return (centres + self.base[None]).reshape(-1, 4)
 
     def extra_repr(self) -> str:
         return f"sizes={self.sizes}, ratios={self.ratios}, stride={self.stride}, offset={self.offset}"

@@ -23,3 +23,7 @@ class ResultsFormatError(DetectError, ValueError):
 
 class CheckpointError(DetectError, ValueError):
     """A checkpoint is missing, unsafe or belongs to another model."""
+
+
+class ExportError(DetectError, ValueError):
+    """A model cannot be exported, or its exported file differs from the eager model."""
