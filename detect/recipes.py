@@ -38,7 +38,9 @@ from detect.feature_cache import FeatureCache
 from detect.input_size import apply_auto_sizes
 from detect.pretrain import pretrain_trunk
 from detect.proposal_sources import ensure_stored_proposals
-from detect.rcnn_training import cache_fingerprint, extract_features, fit_regression_stage, fit_svm_stage
+from detect.rcnn_streaming import fit_svms_streaming
+from detect.rcnn_training import (cache_fingerprint, extract_features, fit_regression_rows, fit_regression_stage,
+                                  fit_svm_stage)
 from detect.runlog import MetricsLog, lock_run_dir
 from detect.utils.io import atomic_write_json
 
@@ -248,11 +250,16 @@ def train_rcnn_stages(cfg: Config, train_set, opt: RunOptions, *, stages: Sequen
     out, log, names = Path(opt.out), opt.log, train_set.class_names
     model = _finetuned(cfg, train_set, opt, stages, checkpoint)
     records, _, _ = load_records(cfg, cfg.data.train_split)
+    if cfg.rcnn.feature_cache_mode == "streaming":
+        _streamed_stages(model, records, cfg, opt, stages)
+        return model, save_checkpoint(out / "model_final.pt", model=model, config=config_to_dict(cfg),
+                                      class_names=names)
     ids = [r.image_id for r in records]
     cache = FeatureCache(cfg.rcnn.feature_cache or out / "features", fingerprint=cache_fingerprint(model, cfg))
     if "features" in stages:
         log(f"stage 2/4: features of {len(records)} images into {cache.root}")
         done = extract_features(model, records, cache, device=opt.device, use_difficult=cfg.data.use_difficult,
+                                progress=opt.progress,
                                 min_overlap=cfg.rcnn.bbox_reg.min_overlap, max_pixels=cfg.data.max_image_pixels, log=log)
         log(f"features: {done['computed']} computed, {done['skipped']} already cached, {len(done['failed'])} failed "
             f"({done['seconds'] / max(done['computed'], 1):.2f} s/image)")
@@ -267,6 +274,20 @@ def train_rcnn_stages(cfg: Config, train_set, opt: RunOptions, *, stages: Sequen
         fit_regression_stage(model, cache, ids, cfg, log=log)
     final = save_checkpoint(out / "model_final.pt", model=model, config=config_to_dict(cfg), class_names=names)
     return model, final
+
+
+def _streamed_stages(model: Detector, records, cfg: Config, opt: RunOptions, stages: Sequence[str]) -> None:
+    """Stages 2-4 with ``rcnn.feature_cache_mode: streaming``: features mined image by image, nothing on disk."""
+    if not {"features", "svm"} <= set(stages):
+        raise ConfigError("rcnn.feature_cache_mode=streaming computes features and SVMs together: run the "
+                          "'features' and 'svm' stages in one run (or use feature_cache_mode=full)")
+    opt.log(f"stages 2-3/4 (streamed): features of {len(records)} images mined for the SVMs, nothing cached")
+    result = fit_svms_streaming(model, records, cfg, device=opt.device, progress=opt.progress, log=opt.log)
+    if result.failed:
+        opt.log(f"features: skipped {len(result.failed)} unreadable images: {sorted(result.failed)[:5]}")
+    if "bbox" in stages and cfg.rcnn.bbox_reg.enabled:
+        opt.log("stage 4/4: bounding-box regression")
+        fit_regression_rows(model, result.regression, cfg, log=opt.log)
 
 
 def _finetuned(cfg: Config, train_set, opt: RunOptions, stages: Sequence[str], checkpoint) -> Detector:

@@ -226,3 +226,18 @@ def test_train_rcnn_tool_runs_the_four_stages(tmp_path, capsys):
     assert train_rcnn.main(args + again) == 0
     assert "0 computed, " in capsys.readouterr().out
     assert train_rcnn.main(args + ["--stages", "svm", "--no-test"]) == 2     # no fine-tuned model given
+
+
+def test_train_tool_streams_rcnn_stages_2_3_without_a_feature_cache(tmp_path, capsys):
+    # rcnn.feature_cache_mode=streaming through tools/train.py: SVMs and box regressors trained, nothing cached;
+    # catches the recipe ignoring the mode (a features/ folder appears) or skipping stage 4.
+    from detect.build import model_from_checkpoint
+    from detect.cli import train
+
+    out = tmp_path / "rcnn"
+    assert train.main(["--config", str(CONFIGS / "rcnn" / "tiny_synthetic.yaml"), "--out", str(out), "--no-progress",
+                       "--no-test", *_tool_sets(tmp_path), "--set", "rcnn.feature_cache_mode=streaming"]) == 0
+    assert "streamed" in capsys.readouterr().out
+    assert not (out / "features").exists()
+    model, _, _ = model_from_checkpoint(out / "model_final.pt")
+    assert model.head.svm.trained and model.head.box_regressor.trained

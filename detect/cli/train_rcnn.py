@@ -38,7 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma list from {', '.join(STAGES)}")
     parser.add_argument("--checkpoint", type=Path, default=None, help="fine-tuned R-CNN when 'finetune' is skipped")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted fine-tuning in --out")
-    parser.add_argument("--proposal-workers", type=int, default=1, help="processes computing missing proposals")
+    parser.add_argument("--proposal-workers", type=int, default=0,
+                        help="processes computing missing proposals (0: train.workers)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--no-test", action="store_true", help="skip the final evaluation on the test split")
     parser.add_argument("--no-progress", action="store_true")
