@@ -373,3 +373,17 @@ def test_export_refuses_to_write_a_file_that_differs_from_eager(faster, tmp_path
     with pytest.raises(ExportError, match=r"differs from the eager model on a \d+x\d+ image: detection 0"):
         export.export_model(faster["model"], [tmp_path / "bad.pt2", tmp_path / "bad.onnx"])
     assert not list(tmp_path.iterdir())
+
+
+def test_test_tool_scores_the_onnx_file_as_the_checkpoint(faster, data, tmp_path):
+    """tools/test.py --checkpoint model.onnx: the same split, the same mAP as the checkpoint (within 0.001)."""
+    import json
+
+    from detect.cli import test as test_cli
+
+    maps = {}
+    for key, path in (("ckpt", faster["ckpt"]), ("onnx", faster["files"]["onnx"])):
+        out = tmp_path / key
+        assert test_cli.main(["--checkpoint", str(path), "--out", str(out), "--no-progress", "--metric", "voc07"]) == 0
+        maps[key] = json.loads((out / "metrics.json").read_text())["metrics"]["voc07"]["mAP"]
+    assert maps["ckpt"] > 0 and abs(maps["onnx"] - maps["ckpt"]) <= 0.001, maps

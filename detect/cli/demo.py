@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     from detect.build import model_from_checkpoint
+    from detect.runtime import is_exported, model_from_exported
     from detect.recipes import prepare_out_dir
     from detect.data.folder import scan_images
     from detect.data.image import read_image
@@ -75,7 +76,10 @@ def run(args: argparse.Namespace) -> dict:
     # an --out inside --images must not feed a rerun its own drawings
     found, not_files = scan_images(args.images)
     paths = [p for p in found if out_abs not in p.resolve().parents]
-    model, cfg, ckpt = model_from_checkpoint(args.checkpoint, overrides=args.overrides, device=device)
+    if is_exported(args.checkpoint):       # an .onnx / .pt2 from tools/export.py runs on the CPU
+        model, cfg, ckpt = model_from_exported(args.checkpoint, overrides=args.overrides)
+    else:
+        model, cfg, ckpt = model_from_checkpoint(args.checkpoint, overrides=args.overrides, device=device)
     max_pixels = cfg.data.max_image_pixels if args.max_pixels is None else args.max_pixels
     if max_pixels <= 0:
         raise ConfigError(f"--max-pixels must be positive, got {max_pixels}")

@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> dict:
     """Evaluate as ``args`` say; returns the metrics dict written to ``metrics.json``."""
     apply_runtime(args)
     from detect.build import model_from_checkpoint
+    from detect.runtime import is_exported, model_from_exported
     from detect.data.loader import build_dataset
     from detect.data.loader import eval_loader
     from detect.engine import evaluate
@@ -66,7 +67,10 @@ def run(args: argparse.Namespace) -> dict:
     from detect.utils.io import atomic_write_json
 
     info = distributed.init_from_env(args.device)
-    model, cfg, ckpt = model_from_checkpoint(args.checkpoint, overrides=args.overrides, device=info.device)
+    if is_exported(args.checkpoint):       # an .onnx / .pt2 from tools/export.py runs on the CPU
+        model, cfg, ckpt = model_from_exported(args.checkpoint, overrides=args.overrides)
+    else:
+        model, cfg, ckpt = model_from_checkpoint(args.checkpoint, overrides=args.overrides, device=info.device)
     split = args.split or cfg.test.split or cfg.data.test_split
     metric = args.metric or cfg.test.metric
     out = args.out or Path(ckpt["path"]).parent / f"test_{split}"
