@@ -204,7 +204,7 @@ def pretrain(model: Detector, train_set, cfg: Config, opt: RunOptions) -> None:
         torch.set_num_threads(threads * int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         try:
             pretrain_trunk(model.backbone, train_set.records, len(train_set.class_names), cfg.pretrain,
-                           device=opt.device, log=opt.log)
+                           device=opt.device, log=opt.log, progress=opt.progress)
         finally:
             torch.set_num_threads(threads)
     distributed.barrier()

@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh in an --out folder that holds checkpoints of an earlier run")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--amp", action="store_true", help="mixed precision (CUDA only); same as --set train.amp=true")
+    parser.add_argument("--amp", action="store_true", help="mixed precision (CUDA float16; CPU bfloat16, fast only with AVX512-BF16/AMX); same as --set train.amp=true")
     parser.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-test", action="store_true", help="skip the final evaluation on the test split")
