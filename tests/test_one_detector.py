@@ -30,6 +30,17 @@ OLD = {"faster_rcnn": [("proposals.", "rpn."), ("head.", "roi_head.")],
        "rcnn": [("head.", "")]}
 
 
+@pytest.fixture(autouse=True)
+def golden_runtime():
+    """The golden file's runtime: one thread (reductions in one order) and denormals kept (tools run earlier in
+    the session turn flush-to-zero on, which moves the last bits)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(False)
+    yield
+    torch.set_num_threads(threads)
+
+
 def old_key(pipeline: str, key: str) -> str:
     for new, old in OLD[pipeline]:
         if key.startswith(new):

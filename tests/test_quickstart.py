@@ -29,7 +29,8 @@ def test_runtime_flags_reach_the_tools_it_calls(tmp_path, monkeypatch):
     from detect.cli import demo, test, train
 
     seen = {}
-    monkeypatch.setattr(train, "run", lambda args: seen.setdefault("train", args))
+    parse = train.parse_args
+    monkeypatch.setattr(train, "main", lambda argv: (seen.setdefault("train", parse(argv)), 0)[1])
     monkeypatch.setattr(test, "run", lambda args: seen.setdefault("test", args) and {"metrics": {"voc07": {"mAP": 0.0}}})
     monkeypatch.setattr(demo, "run", lambda args: seen.setdefault("demo", args))
     quickstart.run(quickstart.parse_args(["--out", str(tmp_path / "qs"), "--threads", "3", "--no-flush-denormal",

@@ -131,11 +131,14 @@ def _tool_argv(tmp_path: Path) -> dict[str, list[str]]:
         "train": ["--config", str(REPO / "configs" / "faster_rcnn" / "tiny_synthetic.yaml"), "--out", nothing],
         "train_rcnn": ["--config", str(REPO / "configs" / "rcnn" / "tiny_synthetic.yaml"), "--out", nothing],
         "proposals": ["compute", "--voc", nothing],
+        "export": ["--checkpoint", nothing, "--out", str(tmp_path / "x.onnx")],
+        "benchmark_precision": ["--checkpoint", nothing],
     }
 
 
-# Not tools (torchvision_twin), or with their own --threads handed to detect.utils.runtime (benchmark_torchvision).
-NOT_COVERED = {"torchvision_twin", "benchmark_torchvision", "common"}
+# Not tools (torchvision_twin, benchmark_pair: shared pieces), or with their own --threads handed to
+# detect.utils.runtime per measured subprocess (benchmark_torchvision, benchmark_deploy).
+NOT_COVERED = {"torchvision_twin", "benchmark_torchvision", "benchmark_pair", "benchmark_deploy", "common"}
 
 
 def test_every_tool_has_the_runtime_flags_and_applies_them_first(tmp_path, monkeypatch):

@@ -13,6 +13,8 @@ import argparse
 import time
 from pathlib import Path
 
+from detect.cli.common import add_runtime_args, apply_runtime, run_cli
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="benchmark-precision", description=__doc__,
@@ -23,7 +25,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--precisions", default="int8,bf16", help="comma-separated: fp32 (compiled), bf16, int8")
     parser.add_argument("--no-compile", action="store_true", help="eager bf16 / int8 reference (slow for int8)")
     parser.add_argument("--limit", type=int, default=0, help="first N test images only")
-    parser.add_argument("--threads", type=int, default=0)
+    add_runtime_args(parser)
     return parser.parse_args(argv)
 
 
@@ -36,9 +38,7 @@ def run(args: argparse.Namespace) -> list[tuple[str, float, float]]:
     from detect.engine import evaluate_split
     from detect.errors import DetectError
     from detect.fast_inference import bf16_note, optimize
-    from detect.utils.runtime import setup_runtime
 
-    setup_runtime(threads=args.threads or torch.get_num_threads())
     overrides = [] if args.data is None else ["data.format=voc", f"data.root={args.data}", "data.test_split=test",
                                               "data.train_split=trainval"]
     model, cfg, _ = model_from_checkpoint(args.checkpoint, overrides=overrides)
@@ -66,10 +66,14 @@ def run(args: argparse.Namespace) -> list[tuple[str, float, float]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from detect.cli.common import run_cli
-
     args = parse_args(argv)
-    return run_cli(lambda: (run(args), 0)[1])
+
+    def body() -> int:
+        apply_runtime(args)
+        run(args)
+        return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from detect.cli.common import run_cli
+from detect.cli.common import add_runtime_args, apply_runtime, run_cli
 from detect.errors import ExportError
 
 
@@ -33,17 +33,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the stored config, e.g. --set model.roi_heads.score_thresh=0.3")
     parser.add_argument("--no-check", action="store_true", help="skip the comparison with the eager model")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default)")
+    add_runtime_args(parser)
     return parser.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> dict:
-    import torch
-
     from detect.export import export_checkpoint
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     out = args.out[0] if args.out and len(args.out) == 1 else args.out
     if isinstance(out, list) and args.format:
         raise ExportError("--format names the format of one --out; with several, each suffix says it")
@@ -62,7 +58,13 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_cli(lambda: (run(args), 0)[1])
+
+    def body() -> int:
+        apply_runtime(args)
+        run(args)
+        return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":
