@@ -31,6 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> list[tuple[str, float, float]]:
     """(precision, VOC07 mAP, seconds) rows, eager fp32 first."""
+    apply_runtime(args)
     import torch
 
     from detect.build import model_from_checkpoint
@@ -67,13 +68,7 @@ def run(args: argparse.Namespace) -> list[tuple[str, float, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-
-    def body() -> int:
-        apply_runtime(args)
-        run(args)
-        return 0
-
-    return run_cli(body)
+    return run_cli(lambda: (run(args), 0)[1])
 
 
 if __name__ == "__main__":

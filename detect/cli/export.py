@@ -38,8 +38,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from detect.export import export_checkpoint
+    from detect.export import export_checkpoint   # torch and onnx: not needed for --help
 
+    apply_runtime(args)
     out = args.out[0] if args.out and len(args.out) == 1 else args.out
     if isinstance(out, list) and args.format:
         raise ExportError("--format names the format of one --out; with several, each suffix says it")
@@ -58,13 +59,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-
-    def body() -> int:
-        apply_runtime(args)
-        run(args)
-        return 0
-
-    return run_cli(body)
+    return run_cli(lambda: (run(args), 0)[1])
 
 
 if __name__ == "__main__":
