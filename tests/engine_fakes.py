@@ -148,3 +148,15 @@ class ScriptedValidation:
         self.metrics.append(metric)
         value = self.values[len(self.weights) - 1]
         return {"mAP": value, "per_class": {}}, {}
+
+
+class TickClock:
+    """A clock that advances one second per reading: every timed stage (StageClock lap) then lasts exactly 1."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+

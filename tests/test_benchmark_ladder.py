@@ -11,6 +11,7 @@ from detect import build_model, load_config
 from detect.cli import benchmark
 from detect.data.loader import build_dataset
 from detect.utils import speed, timing
+from tests.engine_fakes import TickClock
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = {key: CONFIGS / folder / "tiny_synthetic.yaml"
@@ -26,17 +27,6 @@ def synthetic(tmp_path_factory):
             "model.backbone.name=tiny", "model.input.min_size=[128]",
             "model.input.test_min_size=128", "model.input.max_size=224", "rcnn.crop_size=32",
             "rcnn.context_padding=2", "rcnn.window_batch=4"]
-
-
-class TickClock:
-    """A clock that advances one second per reading: every StageClock lap then measures exactly 1."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        self.now += 1.0
-        return self.now
 
 
 def test_rcnn_timed_on_k_proposals_and_scaled_to_n(synthetic):

@@ -6,20 +6,10 @@ import pytest
 
 from detect.cli import benchmark
 from detect.utils.training_speed import cpu_model, load_training_configs
+from tests.engine_fakes import TickClock
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = [CONFIGS / folder / "tiny_synthetic.yaml" for folder in ("rcnn", "fast_rcnn", "faster_rcnn")]
-
-
-class TickClock:
-    """A clock that advances one second per reading: every timed stage then lasts exactly 1."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        self.now += 1.0
-        return self.now
 
 
 def _sets(root):
