@@ -193,6 +193,7 @@ class PretrainConfig:
     batch_size: int = 64
     lr: float = 0.002              # AdamW, one-cycle schedule
     weight_decay: float = 0.0001
+    background: float = 0.0        # fraction of crops that show no object (an extra class; needed for one class)
     seed: int = 0
 
 

@@ -95,7 +95,7 @@ RANGES: dict[str, Range] = {
     "train.early_stop_patience": NON_NEGATIVE,
     "pretrain.steps": NON_NEGATIVE, "pretrain.crop_size": POSITIVE, "pretrain.scales": POSITIVE,
     "pretrain.context": NON_NEGATIVE, "pretrain.batch_size": POSITIVE, "pretrain.lr": POSITIVE,
-    "pretrain.weight_decay": NON_NEGATIVE, "pretrain.seed": NON_NEGATIVE,
+    "pretrain.weight_decay": NON_NEGATIVE, "pretrain.seed": NON_NEGATIVE, "pretrain.background": BELOW_ONE,
     "test.images_per_batch": POSITIVE,
     "proposals.max_side": POSITIVE, "proposals.min_box_size": NON_NEGATIVE, "proposals.top_k": NON_NEGATIVE,
     "proposals.seed": NON_NEGATIVE, "proposals.ks": POSITIVE, "proposals.sigma": NON_NEGATIVE,

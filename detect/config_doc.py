@@ -123,6 +123,8 @@ HELP: dict[str, str] = {
     "pretrain.context": "context kept around each box, as a fraction of its size per side",
     "pretrain.batch_size": "crops per step",
     "pretrain.lr": "peak learning rate (AdamW, one-cycle schedule)",
+    "pretrain.background": "fraction of the crops that show no object (IoU < 0.3 with every box), an extra class; "
+                           "a one-class dataset needs it",
     "pretrain.weight_decay": "AdamW weight decay",
     "pretrain.seed": "seed of the crop order and the classifier's weights",
     # test

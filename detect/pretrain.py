@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torchvision.ops import box_iou
 
 from detect.backbones import Backbone
 from detect.config import PretrainConfig
@@ -32,14 +33,56 @@ from detect.errors import DatasetError, ImageReadError
 from detect.runlog import ProgressBar
 
 
-def object_crops(records: list[ImageRecord], *, size: int, context: float,
-                 log: Callable[[str], None] = print, progress: bool = False) -> tuple[Tensor, Tensor]:
+def background_boxes(boxes: np.ndarray, width: int, height: int, count: int, rng: np.random.Generator, *,
+                     max_iou: float = 0.3, tries: int = 20) -> np.ndarray:
+    """Up to ``count`` (K, 4) xyxy boxes of the image's object sizes overlapping no object by ``max_iou`` or more.
+
+    R-CNN's fine-tuning treats regions with IoU < 0.5 as background (Sec. 2.3); here the crop classifier
+    learns "no object" too, from boxes shaped like the image's objects (random one of them, size jittered
+    by 0.7-1.4x) at uniform positions. Without it a one-class dataset would give the classifier nothing to
+    learn. ``boxes``: (M, 4) xyxy objects, M >= 1.
+    """
+    sides = np.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], axis=1)
+    kept = []
+    for _ in range(count * tries):
+        if len(kept) == count:
+            break
+        w, h = sides[rng.integers(len(sides))] * rng.uniform(0.7, 1.4)
+        w, h = min(max(w, 4.0), width), min(max(h, 4.0), height)
+        x1, y1 = rng.uniform(0, width - w), rng.uniform(0, height - h)
+        candidate = np.array([[x1, y1, x1 + w, y1 + h]], dtype=np.float32)
+        if float(box_iou(torch.from_numpy(candidate), torch.from_numpy(boxes)).max()) < max_iou:
+            kept.append(candidate[0])
+    return np.stack(kept) if kept else np.zeros((0, 4), dtype=np.float32)
+
+
+def _crop(image: np.ndarray, box, context: float, size: int) -> np.ndarray | None:
+    """``box`` with ``context`` x its size on each side, clipped to the image, warped to ``size`` (None if empty)."""
+    height, width = image.shape[:2]
+    x1, y1, x2, y2 = (float(v) for v in box)
+    dx, dy = context * (x2 - x1), context * (y2 - y1)
+    x1, y1 = int(max(0, np.floor(x1 - dx))), int(max(0, np.floor(y1 - dy)))
+    x2, y2 = int(min(width, np.ceil(x2 + dx))), int(min(height, np.ceil(y2 + dy)))
+    if x2 <= x1 or y2 <= y1:
+        return None
+    patch = np.ascontiguousarray(image[y1:y2, x1:x2])
+    return cv2.resize(patch, (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+def object_crops(records: list[ImageRecord], *, size: int, context: float, background: float = 0.0,
+                 background_label: int = -1, seed: int = 0, log: Callable[[str], None] = print,
+                 progress: bool = False) -> tuple[Tensor, Tensor]:
     """Every non-difficult object cropped with ``context`` x its size on each side, warped to ``size``.
+
+    ``background`` in [0, 1): that fraction of the crops are :func:`background_boxes` (label
+    ``background_label``), drawn per image in proportion to its objects with a generator seeded by ``seed``.
 
     Returns:
         (N, 3, size, size) uint8 RGB crops and (N,) int64 labels. Unreadable images are skipped and reported.
     """
     crops, labels = [], []
+    rng = np.random.default_rng(seed)
+    per_object = background / (1.0 - background) if background > 0 else 0.0
     bar = ProgressBar(total=len(records), desc="pretraining: crops", enabled=progress)
     for record in records:
         bar.update(1)
@@ -51,17 +94,17 @@ def object_crops(records: list[ImageRecord], *, size: int, context: float,
         except ImageReadError as exc:
             log(f"pretraining: skipped image {record.image_id}: {exc}")
             continue
-        height, width = image.shape[:2]
-        for box, label in zip(record.boxes[keep], record.labels[keep]):
-            x1, y1, x2, y2 = (float(v) for v in box)
-            dx, dy = context * (x2 - x1), context * (y2 - y1)
-            x1, y1 = int(max(0, np.floor(x1 - dx))), int(max(0, np.floor(y1 - dy)))
-            x2, y2 = int(min(width, np.ceil(x2 + dx))), int(min(height, np.ceil(y2 + dy)))
-            if x2 <= x1 or y2 <= y1:
-                continue
-            patch = np.ascontiguousarray(image[y1:y2, x1:x2])
-            crops.append(cv2.resize(patch, (size, size), interpolation=cv2.INTER_LINEAR))
-            labels.append(int(label))
+        pairs = list(zip(record.boxes[keep], (int(v) for v in record.labels[keep])))
+        if per_object:
+            # every box, difficult ones too, must stay out of a background crop
+            count = int(rng.poisson(int(keep.sum()) * per_object))
+            pairs += [(box, background_label) for box in
+                      background_boxes(record.boxes.astype(np.float32), image.shape[1], image.shape[0], count, rng)]
+        for box, label in pairs:
+            crop = _crop(image, box, context, size)
+            if crop is not None:
+                crops.append(crop)
+                labels.append(label)
     bar.close()
     if not crops:
         raise DatasetError("pretraining: the training split has no non-difficult object to crop")
@@ -94,18 +137,24 @@ def pretrain_trunk(backbone: Backbone, records: list[ImageRecord], num_classes: 
     for the cropping and the steps (stderr).
     """
     start = time.perf_counter()
+    outputs = num_classes + (1 if cfg.background > 0 else 0)     # the last one: background
+    if outputs < 2:
+        log("pretraining: skipped: one class and no background crops leave the classifier nothing to learn "
+            "(set pretrain.background, e.g. 0.25)")
+        return {"steps": 0, "crops": 0, "accuracy": float("nan"), "seconds": 0.0}
     log(f"pretraining: cropping the objects of {len(records)} training images ({cfg.context:g} context per side, "
-        f"warped to {cfg.crop_size} px)")
-    crops, labels = object_crops(records, size=cfg.crop_size, context=cfg.context, log=log, progress=progress)
+        f"warped to {cfg.crop_size} px" + (f", {cfg.background:.0%} background crops)" if cfg.background else ")"))
+    crops, labels = object_crops(records, size=cfg.crop_size, context=cfg.context, background=cfg.background,
+                                 background_label=num_classes, seed=cfg.seed, log=log, progress=progress)
     generator = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(labels), generator=generator)
     held = order[: len(labels) // 10]
     train = order[len(labels) // 10:]
-    net = CropClassifier(backbone, num_classes).to(device).train()
+    net = CropClassifier(backbone, outputs).to(device).train()
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
-    log(f"pretraining: the trunk learns the {num_classes} classes from {len(train)} crops ({cfg.steps} steps of "
+    log(f"pretraining: the trunk learns the {num_classes} classes{' and background' if cfg.background else ''} from {len(train)} crops ({cfg.steps} steps of "
         f"{min(cfg.batch_size, len(train))}; {len(held)} held out)")
     bar = ProgressBar(total=cfg.steps, desc="pretraining: trunk", enabled=progress)
     for _ in range(cfg.steps):
@@ -136,6 +185,6 @@ def pretrain_trunk(backbone: Backbone, records: list[ImageRecord], num_classes: 
         accuracy = float((predicted == labels[held]).float().mean())
     net.train()
     result = {"steps": cfg.steps, "crops": len(train), "accuracy": accuracy, "seconds": time.perf_counter() - start}
-    log(f"pretraining: trunk trained as a {num_classes}-way crop classifier for {cfg.steps} steps on {len(train)} "
+    log(f"pretraining: trunk trained as a {outputs}-way crop classifier for {cfg.steps} steps on {len(train)} "
         f"crops ({result['seconds']:.0f} s); held-out accuracy {accuracy:.3f}")
     return result

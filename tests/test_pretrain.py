@@ -90,3 +90,41 @@ def test_pretrain_config_is_typed():
 
     with pytest.raises(ConfigError, match="pretrain.steps"):
         load_config(REPO / "configs" / "faster_rcnn" / "tiny_synthetic.yaml", ["pretrain.steps=many"])
+
+
+def test_background_crops_overlap_no_object_and_follow_the_fraction(tmp_path):
+    """Background crops (an extra class) are drawn where no object is, about the asked share of all crops."""
+    from detect.pretrain import background_boxes
+    from torchvision.ops import box_iou
+
+    rng = np.random.default_rng(0)
+    objects = np.array([[10, 10, 50, 50], [60, 20, 90, 70]], np.float32)
+    boxes = background_boxes(objects, 200, 120, 30, rng)
+    assert len(boxes) == 30
+    assert float(box_iou(torch.from_numpy(boxes), torch.from_numpy(objects)).max()) < 0.3
+    assert boxes[:, 0].min() >= 0 and boxes[:, 2].max() <= 200 and boxes[:, 3].max() <= 120
+    assert not background_boxes(np.array([[0, 0, 20, 20]], np.float32), 20, 20, 5, rng).size   # no room: none
+
+    records = write_images(tmp_path / "img", 40)
+    crops, labels = object_crops(records, size=24, context=0.1, background=0.5, background_label=7, seed=1)
+    share = float((labels == 7).float().mean())
+    assert 0.35 < share < 0.65 and set(labels.tolist()) - {7} <= set(range(len(CLASSES)))
+    again = object_crops(records, size=24, context=0.1, background=0.5, background_label=7, seed=1)
+    assert torch.equal(crops, again[0]) and torch.equal(labels, again[1])       # seeded
+
+
+def test_one_class_pretraining_learns_object_against_background_or_is_skipped(tmp_path):
+    """A one-class set: without background crops cross-entropy over one output is 0 (nothing learned) -> skipped."""
+    records = write_images(tmp_path / "img", 30)
+    for record in records:
+        record.labels[:] = 0
+    backbone, _ = build_backbone("tiny8", freeze_bn=False)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    messages = []
+    result = pretrain_trunk(backbone, records, 1, PretrainConfig(steps=20, crop_size=24, batch_size=8),
+                            log=messages.append, progress=False)
+    assert result["steps"] == 0 and "skipped" in messages[0] and "pretrain.background" in messages[0]
+    assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())
+    cfg = PretrainConfig(steps=40, crop_size=24, batch_size=16, lr=0.003, background=0.5)
+    result = pretrain_trunk(backbone, records, 1, cfg, log=messages.append, progress=False)
+    assert result["steps"] == 40 and "2-way" in messages[-1] and result["accuracy"] > 0.7

@@ -52,6 +52,9 @@ def test_short_demo_trains_in_two_processes(tmp_path, capfd):
     assert len(detections["images"]) == len(list((out / "test_images").iterdir())) > 0
     printed = capfd.readouterr().out        # capfd: the training processes write to the file descriptor
     assert "VOC07 mAP@0.5 on the synthetic test split" in printed
+    phases = printed[printed.index("seconds per phase: "):].splitlines()[0]
+    assert [part.split()[0] for part in phases.removeprefix("seconds per phase: ").split(", ")] == \
+        ["dataset", "training", "testing", "drawing"]
     # Two processes really trained (a driver that ignored --processes and trained in one passes the
     # checks above): torchrun's group had two members, and the last checkpoint holds one RNG state
     # per rank, each rank having drawn its own samples from its own seed.

@@ -133,6 +133,7 @@ def _tool_argv(tmp_path: Path) -> dict[str, list[str]]:
         "proposals": ["compute", "--voc", nothing],
         "export": ["--checkpoint", nothing, "--out", str(tmp_path / "x.onnx")],
         "benchmark_precision": ["--checkpoint", nothing],
+        "benchmark_input_size": ["--config", nothing],
     }
 
 

@@ -92,7 +92,8 @@ def run(args: argparse.Namespace) -> dict:
     start, cpu_start = time.perf_counter(), _cpu_seconds()
     cfg = load_config(args.config, args.overrides)
     root = ensure_synthetic(cfg.data)
-    print(f"[1/4] synthetic dataset: {root}")
+    phases = {"dataset": time.perf_counter() - start}
+    print(f"[1/4] synthetic dataset: {root}  ({phases['dataset']:.0f} s)")
 
     print("[2/4] training")
     train_dir = args.out / "train"
@@ -107,12 +108,14 @@ def run(args: argparse.Namespace) -> dict:
         if train.main(train_args):        # the tool printed its one-line error
             raise DetectError("quickstart: training failed (see the error above)")
 
-    print("[3/4] testing")
+    phases["training"] = time.perf_counter() - start - sum(phases.values())
+    print(f"[3/4] testing  (training took {phases['training']:.0f} s)")
     checkpoint = train_dir / "model_final.pt"
     report = test.run(test.parse_args(["--checkpoint", str(checkpoint), "--split", cfg.data.test_split,
                                        "--metric", "voc07", "--out", str(args.out / "test"), *common]))
 
-    print("[4/4] demo on the test images")
+    phases["testing"] = time.perf_counter() - start - sum(phases.values())
+    print(f"[4/4] demo on the test images  (testing took {phases['testing']:.0f} s)")
     images = args.out / "test_images"
     shutil.rmtree(images, ignore_errors=True)
     images.mkdir(parents=True)
@@ -123,12 +126,14 @@ def run(args: argparse.Namespace) -> dict:
     demo.run(demo.parse_args(["--checkpoint", str(checkpoint), "--images", str(images), "--out", str(drawn),
                               *common]))
 
+    phases["drawing"] = time.perf_counter() - start - sum(phases.values())
     mean_ap = report["metrics"]["voc07"]["mAP"]
     minutes = (time.perf_counter() - start) / 60
     cpu_minutes = (_cpu_seconds() - cpu_start) / 60
     print(f"\nVOC07 mAP@0.5 on the synthetic test split: {mean_ap:.4f}  ({minutes:.1f} min, {cpu_minutes:.1f} CPU min)")
     print(f"drawn detections: {drawn}/  (detections.json, detections.csv)")
-    return {"mAP": mean_ap, "minutes": minutes, "cpu_minutes": cpu_minutes, "demo": drawn}
+    print("seconds per phase: " + ", ".join(f"{name} {seconds:.0f}" for name, seconds in phases.items()))
+    return {"mAP": mean_ap, "minutes": minutes, "cpu_minutes": cpu_minutes, "demo": drawn, "seconds": phases}
 
 
 def main(argv: list[str] | None = None) -> int:
