@@ -26,7 +26,10 @@ def test_table_has_the_coverage_of_each_size_and_ratios_to_the_first(tmp_path, c
                                              f"128 / {bench.longer_side(records, 128)}"]
     for row, short in zip(rows, (64, 128)):
         stats = size_statistics(records, names, min_size=short, max_size=bench.longer_side(records, short))
-        assert row[1].strip() == f"{1 - stats[-1].under_16:.1%}"       # all objects >= 16 px at this size
+        assert row[1].strip().startswith(f"{1 - stats[-1].under_16:.1%} / ")   # all objects >= 16 px at this size
+        assert row[2].strip().startswith(f"{1 - stats[-1].under_32:.1%} / ")
+        worst = min(1 - r.under_32 for r in stats[:-1] if r.count)
+        assert f" / {worst:.1%} (" in row[2]
     assert rows[0][4].strip() == "1.00x" and rows[0][6].strip() == "1.00x"
     assert float(rows[1][3]) > 0 and float(rows[1][4].strip().rstrip("x")) > 0
 

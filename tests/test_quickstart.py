@@ -34,9 +34,11 @@ def test_runtime_flags_reach_the_tools_it_calls(tmp_path, monkeypatch):
     monkeypatch.setattr(test, "run", lambda args: seen.setdefault("test", args) and {"metrics": {"voc07": {"mAP": 0.0}}})
     monkeypatch.setattr(demo, "run", lambda args: seen.setdefault("demo", args))
     quickstart.run(quickstart.parse_args(["--out", str(tmp_path / "qs"), "--threads", "3", "--no-flush-denormal",
-                                          "--set", "data.synthetic_images=6", "--set", f"data.root={tmp_path / 'd'}"]))
+                                          "--set", "data.synthetic_images=20", "--set", f"data.root={tmp_path / 'd'}",
+                                          "--draw", "2"]))
     assert {name: (args.threads, args.flush_denormal) for name, args in seen.items()} == \
         {"train": (3, False), "test": (3, False), "demo": (3, False)}
+    assert len(list(seen["demo"].images.iterdir())) == 2          # --draw 2: the first two test images only
     assert quickstart.runtime_flags(quickstart.parse_args([])) == []
 
 

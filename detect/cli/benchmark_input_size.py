@@ -4,8 +4,8 @@
         [--sizes 256,384,512] [--iters 12] [--images 8] [--threads 1] [--out sizes.md]
 
 For each shorter side (the longer side capped as ``detect/input_size.py`` does: the widest image not
-shrunk further, at most 1333): the share of the training split's objects at least 16 px at the network
-input (all, and the worst class), the CPU seconds of one training step of ``train.images_per_batch``
+shrunk further, at most 1333): the share of the training split's objects at least 16 and 32 px at the
+network input (all, and the worst class), the CPU seconds of one training step of ``train.images_per_batch``
 images (random weights: speed does not depend on them) and of one test image, and each as a ratio to
 the first size. CPU time of this process (``time.process_time``), so that other jobs on the machine
 change the numbers little; the sizes are timed in turn, ``--repeats`` times, and the median is kept.
@@ -117,16 +117,20 @@ def run(args: argparse.Namespace) -> str:
     for short in args.sizes:
         long = longer_side(records, short)
         stats = size_statistics(records, class_names, min_size=short, max_size=long)
-        worst = max((row for row in stats[:-1] if row.count), key=lambda row: row.under_16)
+        present = [row for row in stats[:-1] if row.count]
+        worst16 = max(present, key=lambda row: row.under_16)
+        worst32 = max(present, key=lambda row: row.under_32)
         train_s, test_s = (statistics.median(t) for t in times[short])
         first = first or (train_s, test_s)
-        rows.append(f"| {short} / {long} | {1 - stats[-1].under_16:.1%} | {1 - worst.under_16:.1%} ({worst.name}) "
+        rows.append(f"| {short} / {long} | {1 - stats[-1].under_16:.1%} / {1 - worst16.under_16:.1%} ({worst16.name}) "
+                    f"| {1 - stats[-1].under_32:.1%} / {1 - worst32.under_32:.1%} ({worst32.name}) "
                     f"| {train_s:.3f} | {train_s / first[0]:.2f}x | {test_s:.3f} | {test_s / first[1]:.2f}x |")
     table = "\n".join([
         f"CPU: {cpu_model()}; {threads} thread(s); CPU seconds (median of {args.repeats}); "
         f"{cfg.train.images_per_batch} images per step; {cfg.model.backbone.name} trunk; {cfg.data.root}",
         "",
-        "| input (short / long cap) | objects >= 16 px | worst class | train s/step | vs first | test s/img | vs first |",
+        "| input (short / long cap) | objects >= 16 px: all / worst class | >= 32 px: all / worst class "
+        "| train s/step | vs first | test s/img | vs first |",
         "|---|---:|---:|---:|---:|---:|---:|",
         *rows])
     print(table)

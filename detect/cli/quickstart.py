@@ -37,12 +37,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--draw", type=int, default=40, metavar="N",
+                        help="draw the detections of the first N test images (0: all); the mAP uses them all")
     parser.add_argument("--processes", type=int, default=1,
                         help="training processes (CPU: torchrun; 0: one per image of the batch, up to the cores)")
     add_runtime_args(parser)
     args = parser.parse_args(argv)
-    if args.processes < 0:
-        parser.error(f"--processes must be 0 or more, got {args.processes}")
+    if args.processes < 0 or args.draw < 0:
+        parser.error(f"--processes and --draw must be 0 or more, got {args.processes} and {args.draw}")
     return args
 
 
@@ -115,11 +117,13 @@ def run(args: argparse.Namespace) -> dict:
                                        "--metric", "voc07", "--out", str(args.out / "test"), *common]))
 
     phases["testing"] = time.perf_counter() - start - sum(phases.values())
-    print(f"[4/4] demo on the test images  (testing took {phases['testing']:.0f} s)")
+    drawing = f"the first {args.draw}" if args.draw else "all"
+    print(f"[4/4] demo: drawing the detections of {drawing} test images  (testing took {phases['testing']:.0f} s)")
     images = args.out / "test_images"
     shutil.rmtree(images, ignore_errors=True)
     images.mkdir(parents=True)
-    for image_id in read_split(root, cfg.data.test_split):
+    test_ids = read_split(root, cfg.data.test_split)
+    for image_id in test_ids[:args.draw] if args.draw else test_ids:
         source = find_image(root, image_id)
         shutil.copyfile(source, images / source.name)
     drawn = args.out / "demo"
