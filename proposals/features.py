@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
+from proposals import feature_kernels as kernels
 from proposals import segmentation
 from proposals.segmentation import PixelGraph
 
@@ -125,6 +126,8 @@ def texture_codes(image: np.ndarray) -> np.ndarray:
     gx = cv2.sepFilter2D(img, cv2.CV_32F, _DERIVATIVE, _GAUSSIAN, borderType=cv2.BORDER_REFLECT).reshape(-1, channels)
     gy = cv2.sepFilter2D(img, cv2.CV_32F, _GAUSSIAN, _DERIVATIVE, borderType=cv2.BORDER_REFLECT).reshape(-1, channels)
     diag = np.float32(np.sqrt(0.5))
+    if kernels.numba is not None:
+        return kernels.texture_codes(gx, gy, diag, TEXTURE_BINS, TEXTURE_ORIENTATIONS)
     steered = np.stack([gx, (gx + gy) * diag, gy, (gy - gx) * diag], axis=2).reshape(-1, channels * 4)
     magnitude = np.abs(steered)
     peak = magnitude.max(axis=0).reshape(channels, 4).max(axis=1)                         # per channel
@@ -139,6 +142,8 @@ def texture_codes(image: np.ndarray) -> np.ndarray:
 
 
 def _counts(labels: np.ndarray, codes: np.ndarray, dims: int, n: int) -> np.ndarray:
+    if kernels.numba is not None:
+        return kernels.region_counts(labels.reshape(-1), codes, n, dims)
     flat = labels.reshape(-1, 1).astype(np.int64) * dims + codes
     return np.bincount(flat.ravel(), minlength=n * dims).reshape(n, dims).astype(np.float32)
 
@@ -223,6 +228,10 @@ def build_regions(labels: np.ndarray, *, colour: np.ndarray | None = None,
         colour_hist = colour_histograms(labels, colour, n)
     if texture is not None:
         texture_hist = texture_histograms(labels, texture, n)
-    return RegionSet(sizes=np.bincount(labels.ravel(), minlength=n).astype(np.float64),
-                     boxes=region_boxes(labels, n), colour=colour_hist, texture=texture_hist,
-                     pairs=neighbour_pairs(labels, n), image_area=float(labels.size))
+    if kernels.numba is not None:
+        sizes, boxes, pairs = kernels.region_geometry(np.ascontiguousarray(labels, dtype=np.int32), n)
+    else:
+        sizes = np.bincount(labels.ravel(), minlength=n).astype(np.float64)
+        boxes, pairs = region_boxes(labels, n), neighbour_pairs(labels, n)
+    return RegionSet(sizes=sizes, boxes=boxes, colour=colour_hist, texture=texture_hist, pairs=pairs,
+                     image_area=float(labels.size))

@@ -22,7 +22,7 @@ import heapq
 
 import numpy as np
 
-from proposals import kernels
+from proposals import grouping_kernels as kernels
 from proposals.features import RegionSet
 
 SIMILARITY_TERMS = "CTSF"
@@ -82,7 +82,7 @@ def hierarchical_grouping(regions: RegionSet, similarity: str) -> np.ndarray:
 
 def _merge_python(pairs: np.ndarray, hist: np.ndarray | None, sizes: np.ndarray, boxes: np.ndarray, *, n: int,
                   area: float, use_size: bool, use_fill: bool) -> int:
-    """The grouping without numba (and the reference of :func:`proposals.kernels.merge_all`): first scores
+    """The grouping without numba (and the reference of :func:`proposals.grouping_kernels.merge_all`): first scores
     vectorised, then :func:`_merge_all`. Arguments as there; returns how many rows are in use."""
     neighbours: list[set[int]] = [set() for _ in range(n)]
     heap: list[tuple[float, int, int]] = []

@@ -1,7 +1,7 @@
-"""Compiled inner loops of selective search (numba, compiled just in time and cached on disk).
+"""The grouping loop of selective search, compiled (numba, just in time and cached on disk).
 
-:mod:`proposals.grouping` and :mod:`proposals.features` call these when numba is installed and keep
-their numpy / Python versions otherwise; both give the same bits. That matters because the
+:mod:`proposals.grouping` calls :func:`merge_all` when numba is installed and keeps its Python loop
+otherwise (and as the reference the tests compare with); both give the same bits. That matters because the
 similarities decide the merge order (a pair is popped before another on a tie-break of its ids), so
 a float that differed in its last bit could change the boxes. Hence:
 
@@ -11,7 +11,7 @@ a float that differed in its last bit could change the boxes. Hence:
   contract a * b + c into a fused multiply-add unless fastmath is on, and it is off here).
 
 Nothing here is compiled at install: the first call in a fresh process loads the machine code that
-an earlier run cached in ``__pycache__`` (or compiles it, a few seconds, once per installation).
+an earlier run cached in ``__pycache__`` (or compiles it once, when there is no cache yet).
 """
 
 from __future__ import annotations
