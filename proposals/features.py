@@ -9,8 +9,10 @@ texture responses of a colour space are computed once and shared by every k.
 
 The graph segmentation itself comes from a maintained implementation (OpenCV-contrib's
 ``ximgproc.segmentation`` graph segmentation by default -- the same C++ the OpenCV backend uses, about
-3x faster than scikit-image's ``felzenszwalb`` -- or scikit-image's). Colour conversion, histograms
-and adjacency are numpy/OpenCV array operations; only the grouping loop is Python.
+3x faster than scikit-image's ``felzenszwalb`` -- or scikit-image's). Colour conversion and the
+texture filters are OpenCV's; the per-pixel passes (texture codes, histogram counts, sizes, boxes and
+adjacency) run compiled by numba (:mod:`proposals.feature_kernels`), with the numpy code here used
+without numba -- the same values either way (tests/test_feature_kernels.py).
 """
 
 from __future__ import annotations
