@@ -89,13 +89,15 @@ def region_geometry(labels, n):   # pragma: no cover - compiled by numba
         labels: (H, W) int32 labels 0..n-1, every label present.
 
     Returns:
-        (n,) float64 pixel counts; (n, 4) float64 boxes ``(x1, y1, x2, y2)`` in pixel edges; (E, 2) int64
-        pairs of 4-connected regions with a < b, sorted.
+        (n,) float64 pixel counts; (n, 4) float64 boxes ``(x1, y1, x2, y2)`` in pixel edges; (K,) int64
+        keys ``a * n + b`` (a < b) of 4-connected regions, with repeats: ``np.unique`` them (sorting
+        here would make the first compilation several seconds longer).
     """
     height, width = labels.shape
     sizes = np.zeros(n, dtype=np.float64)
     boxes = np.empty((n, 4), dtype=np.float64)
-    boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3] = width, height, 0, 0
+    for r in range(n):                  # loops, not slice assignments: those compile seconds longer
+        boxes[r, 0], boxes[r, 1], boxes[r, 2], boxes[r, 3] = width, height, 0, 0
     keys = np.empty(2 * height * width, dtype=np.int64)
     found = 0
     for y in range(height):
@@ -109,7 +111,4 @@ def region_geometry(labels, n):   # pragma: no cover - compiled by numba
                     keys[found] = min(here, there) * n + max(here, there)
                     # a border runs along many pixels: skip the repeat of the last pair before sorting
                     found += 1 if found == 0 or keys[found] != keys[found - 1] else 0
-    unique = np.unique(keys[:found])
-    pairs = np.empty((len(unique), 2), dtype=np.int64)
-    pairs[:, 0], pairs[:, 1] = unique // n, unique % n
-    return sizes, boxes, pairs
+    return sizes, boxes, keys[:found].copy()

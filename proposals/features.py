@@ -231,7 +231,9 @@ def build_regions(labels: np.ndarray, *, colour: np.ndarray | None = None,
     if texture is not None:
         texture_hist = texture_histograms(labels, texture, n)
     if kernels.numba is not None:
-        sizes, boxes, pairs = kernels.region_geometry(np.ascontiguousarray(labels, dtype=np.int32), n)
+        sizes, boxes, keys = kernels.region_geometry(np.ascontiguousarray(labels, dtype=np.int32), n)
+        keys = np.unique(keys)
+        pairs = np.stack([keys // n, keys % n], axis=1)
     else:
         sizes = np.bincount(labels.ravel(), minlength=n).astype(np.float64)
         boxes, pairs = region_boxes(labels, n), neighbour_pairs(labels, n)

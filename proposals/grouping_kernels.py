@@ -154,7 +154,8 @@ def _grown(array, size):   # pragma: no cover - compiled by numba
     if size < len(array):
         return array
     bigger = np.empty(2 * len(array) + 16, dtype=array.dtype)
-    bigger[:len(array)] = array
+    for i in range(len(array)):         # a loop: a slice assignment takes seconds longer to compile
+        bigger[i] = array[i]
     return bigger
 
 
@@ -189,7 +190,8 @@ def merge_all(pairs, hist, sizes, boxes, n, area, use_hist, use_size, use_fill):
     for pos in range(count // 2 - 1, -1, -1):
         _sift_down(keys, first, second, pos, count)
     alive = np.zeros(capacity, dtype=np.bool_)
-    alive[:n] = True
+    for r in range(n):
+        alive[r] = True
     seen = np.full(capacity, -1, dtype=np.int64)
     around = np.empty(capacity, dtype=np.int64)
     t = n

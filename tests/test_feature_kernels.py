@@ -76,7 +76,7 @@ def test_region_features_of_a_segmentation(monkeypatch):
 
 def test_region_geometry_of_a_hand_made_map():
     labels = np.array([[0, 0, 1], [2, 2, 1], [2, 3, 3]], np.int32)
-    sizes, boxes, pairs = feature_kernels.region_geometry(labels, 4)
+    sizes, boxes, keys = feature_kernels.region_geometry(labels, 4)
     assert sizes.tolist() == [2, 2, 3, 2]
     assert boxes.tolist() == [[0, 0, 2, 1], [2, 0, 3, 2], [0, 1, 2, 3], [1, 2, 3, 3]]
-    assert pairs.tolist() == [[0, 1], [0, 2], [1, 2], [1, 3], [2, 3]]
+    assert np.unique(keys).tolist() == [0 * 4 + 1, 0 * 4 + 2, 1 * 4 + 2, 1 * 4 + 3, 2 * 4 + 3]
