@@ -109,6 +109,6 @@ def region_geometry(labels, n):   # pragma: no cover - compiled by numba
             for there in (labels[y, x + 1] if x + 1 < width else here, labels[y + 1, x] if y + 1 < height else here):
                 if there != here:
                     keys[found] = min(here, there) * n + max(here, there)
-                    # a border runs along many pixels: skip the repeat of the last pair before sorting
+                    # a border runs along many pixels: drop a repeat of the last key (np.unique does the rest)
                     found += 1 if found == 0 or keys[found] != keys[found - 1] else 0
     return sizes, boxes, keys[:found].copy()

@@ -98,12 +98,12 @@ def _union_find(source, target, weight, n, k, min_size):   # pragma: no cover - 
     for p in range(n):
         first[p] = _root(parent, p)
     for e in range(len(weight)):        # merge regions under min_size into a neighbour, edges in order
-        # Skipped without a root search, as they cannot merge: edges inside one first-pass segment (every
-        # joined edge and every zero-weight one, which OpenCV skips), and edges between segments that
-        # had min_size pixels at some point (a component only grows; size[] of a former root is its
-        # size when it was absorbed).
+        # Skipped without a root search: zero-weight edges (OpenCV skips them), and edges that cannot
+        # merge -- inside one first-pass segment (every joined edge is), or between segments that had
+        # min_size pixels at some point (a component only grows; size[] of a former root is its size
+        # when it was absorbed).
         a, b = first[source[e]], first[target[e]]
-        if a == b or (size[a] >= min_size and size[b] >= min_size):
+        if weight[e] == 0 or a == b or (size[a] >= min_size and size[b] >= min_size):
             continue
         a, b = _root(parent, a), _root(parent, b)
         if a != b and (size[a] < min_size or size[b] < min_size):
