@@ -9,8 +9,10 @@ texture responses of a colour space are computed once and shared by every k.
 
 The graph segmentation itself comes from a maintained implementation (OpenCV-contrib's
 ``ximgproc.segmentation`` graph segmentation by default -- the same C++ the OpenCV backend uses, about
-3x faster than scikit-image's ``felzenszwalb`` -- or scikit-image's). Colour conversion, histograms
-and adjacency are numpy/OpenCV array operations; only the grouping loop is Python.
+3x faster than scikit-image's ``felzenszwalb`` -- or scikit-image's). Colour conversion and the
+texture filters are OpenCV's; the per-pixel passes (texture codes, histogram counts, sizes, boxes and
+adjacency) run compiled by numba (:mod:`proposals.feature_kernels`), with the numpy code here used
+without numba -- the same values either way (tests/test_feature_kernels.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
+from proposals import feature_kernels as kernels
 from proposals import segmentation
 from proposals.segmentation import PixelGraph
 
@@ -125,6 +128,8 @@ def texture_codes(image: np.ndarray) -> np.ndarray:
     gx = cv2.sepFilter2D(img, cv2.CV_32F, _DERIVATIVE, _GAUSSIAN, borderType=cv2.BORDER_REFLECT).reshape(-1, channels)
     gy = cv2.sepFilter2D(img, cv2.CV_32F, _GAUSSIAN, _DERIVATIVE, borderType=cv2.BORDER_REFLECT).reshape(-1, channels)
     diag = np.float32(np.sqrt(0.5))
+    if kernels.numba is not None:
+        return kernels.texture_codes(gx, gy, diag, TEXTURE_BINS, TEXTURE_ORIENTATIONS)
     steered = np.stack([gx, (gx + gy) * diag, gy, (gy - gx) * diag], axis=2).reshape(-1, channels * 4)
     magnitude = np.abs(steered)
     peak = magnitude.max(axis=0).reshape(channels, 4).max(axis=1)                         # per channel
@@ -139,6 +144,8 @@ def texture_codes(image: np.ndarray) -> np.ndarray:
 
 
 def _counts(labels: np.ndarray, codes: np.ndarray, dims: int, n: int) -> np.ndarray:
+    if kernels.numba is not None:
+        return kernels.region_counts(labels.reshape(-1), codes, n, dims)
     flat = labels.reshape(-1, 1).astype(np.int64) * dims + codes
     return np.bincount(flat.ravel(), minlength=n * dims).reshape(n, dims).astype(np.float32)
 
@@ -223,6 +230,12 @@ def build_regions(labels: np.ndarray, *, colour: np.ndarray | None = None,
         colour_hist = colour_histograms(labels, colour, n)
     if texture is not None:
         texture_hist = texture_histograms(labels, texture, n)
-    return RegionSet(sizes=np.bincount(labels.ravel(), minlength=n).astype(np.float64),
-                     boxes=region_boxes(labels, n), colour=colour_hist, texture=texture_hist,
-                     pairs=neighbour_pairs(labels, n), image_area=float(labels.size))
+    if kernels.numba is not None:
+        sizes, boxes, keys = kernels.region_geometry(np.ascontiguousarray(labels, dtype=np.int32), n)
+        keys = np.unique(keys)
+        pairs = np.stack([keys // n, keys % n], axis=1)
+    else:
+        sizes = np.bincount(labels.ravel(), minlength=n).astype(np.float64)
+        boxes, pairs = region_boxes(labels, n), neighbour_pairs(labels, n)
+    return RegionSet(sizes=sizes, boxes=boxes, colour=colour_hist, texture=texture_hist, pairs=pairs,
+                     image_area=float(labels.size))

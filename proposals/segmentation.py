@@ -86,7 +86,6 @@ def _union_find(source, target, weight, n, k, min_size):   # pragma: no cover - 
     parent = np.arange(n, dtype=np.int32)
     size = np.ones(n, dtype=np.int32)
     threshold = np.full(n, k, dtype=np.float32)
-    joined = np.zeros(len(weight), dtype=np.bool_)
     for e in range(len(weight)):
         a, b = _root(parent, source[e]), _root(parent, target[e])
         if a != b and weight[e] <= threshold[a] and weight[e] <= threshold[b]:
@@ -95,20 +94,28 @@ def _union_find(source, target, weight, n, k, min_size):   # pragma: no cover - 
             parent[b] = a
             size[a] += size[b]
             threshold[a] = weight[e] + k / np.float32(size[a])
-            joined[e] = True
+    first = np.empty(n, dtype=np.int32)
+    for p in range(n):
+        first[p] = _root(parent, p)
     for e in range(len(weight)):        # merge regions under min_size into a neighbour, edges in order
-        if weight[e] > 0 and not joined[e]:
-            a, b = _root(parent, source[e]), _root(parent, target[e])
-            if a != b and (size[a] < min_size or size[b] < min_size):
-                if size[a] < size[b]:
-                    a, b = b, a
-                parent[b] = a
-                size[a] += size[b]
+        # Skipped without a root search: zero-weight edges (OpenCV skips them), and edges that cannot
+        # merge -- inside one first-pass segment (every joined edge is), or between segments that had
+        # min_size pixels at some point (a component only grows; size[] of a former root is its size
+        # when it was absorbed).
+        a, b = first[source[e]], first[target[e]]
+        if weight[e] == 0 or a == b or (size[a] >= min_size and size[b] >= min_size):
+            continue
+        a, b = _root(parent, a), _root(parent, b)
+        if a != b and (size[a] < min_size or size[b] < min_size):
+            if size[a] < size[b]:
+                a, b = b, a
+            parent[b] = a
+            size[a] += size[b]
     labels = np.empty(n, dtype=np.int32)
     mapped = np.full(n, -1, dtype=np.int32)
     count = 0
     for p in range(n):                  # ids in the raster order of each region's first pixel
-        r = _root(parent, p)
+        r = _root(parent, first[p])
         if mapped[r] < 0:
             mapped[r] = count
             count += 1
@@ -117,12 +124,10 @@ def _union_find(source, target, weight, n, k, min_size):   # pragma: no cover - 
 
 
 def _root_py(parent, p):   # pragma: no cover - compiled by numba
-    root = p
-    while parent[root] != root:
-        root = parent[root]
-    while parent[p] != root:            # path compression; roots do not change the partition
-        parent[p], p = root, parent[p]
-    return root
+    while parent[p] != p:               # path halving: the tree's shape does not change the partition
+        parent[p] = parent[parent[p]]
+        p = parent[p]
+    return p
 
 
 if numba is not None:
