@@ -268,6 +268,8 @@ class BoxRegressionConfig:
     enabled: bool = True
     alpha: float = 1000.0          # ridge lambda
     min_overlap: float = 0.6       # train on proposals with IoU > 0.6 with a ground-truth box
+    max_rows_per_class: int = 256  # a seeded sample of at most this many rows per class, lambda scaled by
+    #                                the fraction kept (0: every row, the paper's); what bounds streaming's memory
 
 
 @dataclass
