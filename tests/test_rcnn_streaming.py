@@ -194,6 +194,7 @@ def test_a_capped_stage_4_sample_is_the_same_rows_in_both_modes_with_lambda_scal
     _, _, _, cached_reg, _ = _cached(model, records, cfg, tmp_path)
     stream = fit_svms_streaming(model, records, cfg, log=lambda m: None)
     assert stream.regression.counts() == [5, 5] and stream.regression.seen.tolist() == [24, 12]
+    assert stream.regression.nbytes == 10 * (4 * 2 + 56)      # float16 pool5 + boxes, gt boxes, key, order
     streamed_reg = fit_regression_rows(model, stream.regression, cfg, log=lambda m: None)
     assert streamed_reg.counts == cached_reg.counts == [5, 5]
     assert streamed_reg.weight.tobytes() == cached_reg.weight.tobytes()
