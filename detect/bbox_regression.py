@@ -44,7 +44,7 @@ def regression_targets(proposals: np.ndarray, gt_boxes: np.ndarray) -> np.ndarra
 
 
 def fit_box_regressors(features: np.ndarray, proposals: np.ndarray, gt_boxes: np.ndarray, classes: np.ndarray,
-                       num_classes: int, *, alpha: float = 1000.0, scale: float = 1.0,
+                       num_classes: int, *, alpha: float | Sequence[float] = 1000.0, scale: float = 1.0,
                        class_names: Sequence[str] | None = None,
                        log: Callable[[str], None] = print) -> RegressionResult:
     """Fit one ridge regressor (4 outputs) per class.
@@ -53,7 +53,7 @@ def fit_box_regressors(features: np.ndarray, proposals: np.ndarray, gt_boxes: np
         features: (N, D) pool5 features of the training proposals (already chosen: IoU > 0.6).
         proposals: (N, 4) the proposals; gt_boxes: (N, 4) the ground-truth box each overlaps most.
         classes: (N,) that box's class.
-        alpha: ridge lambda (1000 in the paper).
+        alpha: ridge lambda (1000 in the paper), or one per class.
         scale: features are multiplied by this before the fit (and at test time).
 
     Returns:
@@ -66,6 +66,7 @@ def fit_box_regressors(features: np.ndarray, proposals: np.ndarray, gt_boxes: np
     result = RegressionResult(np.zeros((num_classes, 4, dim), np.float32), np.zeros((num_classes, 4), np.float32),
                               np.zeros(num_classes, bool))
     targets = regression_targets(proposals, gt_boxes) if len(proposals) else np.zeros((0, 4))
+    alphas = np.broadcast_to(np.asarray(alpha, dtype=np.float64), (num_classes,))
     for c in range(num_classes):
         idx = np.flatnonzero(classes == c)
         result.counts.append(int(idx.size))
@@ -75,7 +76,7 @@ def fit_box_regressors(features: np.ndarray, proposals: np.ndarray, gt_boxes: np
             continue
         y = targets[idx]
         mean, std = y.mean(axis=0), y.std(axis=0) + 1e-6
-        ridge = Ridge(alpha=alpha, solver="cholesky").fit(np.asarray(features[idx], dtype=np.float32) * scale, (y - mean) / std)
+        ridge = Ridge(alpha=float(alphas[c]), solver="cholesky").fit(np.asarray(features[idx], dtype=np.float32) * scale, (y - mean) / std)
         result.weight[c] = ridge.coef_ * std[:, None]
         result.bias[c] = ridge.intercept_ * std + mean
         result.fitted[c] = True

@@ -269,6 +269,8 @@ class BoxRegressionConfig:
     enabled: bool = True
     alpha: float = 1000.0          # ridge lambda
     min_overlap: float = 0.6       # train on proposals with IoU > 0.6 with a ground-truth box
+    max_rows_per_class: int = 256  # a seeded sample of at most this many rows per class, lambda scaled by
+    #                                the fraction kept (0: every row, the paper's); what bounds streaming's memory
 
 
 @dataclass
@@ -289,7 +291,7 @@ class RCNNConfig:
     feature_cache: str = ""        # directory of the stage-2 feature cache (empty: <run>/features)
     feature_cache_mode: Literal["full", "streaming"] = "full"   # full: stage 2 caches every row on disk;
     #                                streaming: stages 2-3 image by image, nothing on disk (positives, hard
-    #                                negatives and stage 4's rows held in memory)
+    #                                negatives and stage 4's sampled rows held in memory)
     score_thresh: float = -1.0     # test: detections with an SVM score below this are dropped
     finetune_score_thresh: float = 0.05   # test before stage 3: minimum fine-tuned softmax score
     nms_thresh: float = 0.3        # test: per-class greedy NMS (Sec. 2.2)

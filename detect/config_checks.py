@@ -112,6 +112,7 @@ RANGES: dict[str, Range] = {
     "rcnn.svm.feature_norm": NON_NEGATIVE, "rcnn.svm.retrain_growth": NON_NEGATIVE, "rcnn.svm.batch_images": POSITIVE,
     "rcnn.svm.tol": POSITIVE, "rcnn.svm.max_iter": POSITIVE,
     "rcnn.bbox_reg.alpha": NON_NEGATIVE, "rcnn.bbox_reg.min_overlap": FRACTION,
+    "rcnn.bbox_reg.max_rows_per_class": NON_NEGATIVE,
 }
 
 # Where an infinite value has a meaning (see the module docstring); everywhere else it is an error.

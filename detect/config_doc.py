@@ -188,6 +188,8 @@ HELP: dict[str, str] = {
     "rcnn.bbox_reg.enabled": "train and apply the class-specific box regression",
     "rcnn.bbox_reg.alpha": "ridge regularisation lambda",
     "rcnn.bbox_reg.min_overlap": "regression trains on proposals with IoU above this with a box",
+    "rcnn.bbox_reg.max_rows_per_class": "regression trains on a seeded sample of at most this many rows per class, "
+                                        "lambda scaled by the fraction kept (0: all rows)",
     # top level
     "source": "the file this config was loaded from (set by the loader; informational)",
 }

@@ -112,7 +112,7 @@ class NegativeCache:
         if not self.size and x.dtype != self._x.dtype:
             self._x = np.zeros((0, self._x.shape[1]), x.dtype)
         if need > len(self._x):
-            capacity = max(need, 2 * len(self._x), 256)
+            capacity = max(need, len(self._x) * 3 // 2, 256)     # 1.5x: geometric (O(rows) copies), less slack held than 2x
             grown_x = np.empty((capacity, self._x.shape[1]), self._x.dtype)
             grown_keys = np.empty((capacity, 2), np.int64)
             grown_x[: self.size], grown_keys[: self.size] = self.x, self.keys

@@ -10,8 +10,11 @@ mined against the current SVMs and dropped; only what the mining and stage 4 nee
    (:func:`detect.svm_heads.scale_rows` of the images :func:`detect.svm_heads.scale_sample` picks),
    computing only those (~200 x 100 warps);
 3. the mining pass computes each batch's proposal features and feeds
-   :func:`detect.hard_negatives.mine_svms`, the loop the cached mode uses; the pool5 rows with IoU > 0.6
-   are kept for stage 4 (:func:`detect.rcnn_training.fit_regression_rows`).
+   :func:`detect.hard_negatives.mine_svms`, the loop the cached mode uses.
+
+Stage 4's pool5 rows (IoU > 0.6) go, as they are computed (ground truth in pass 1, proposals in pass 3),
+into a :class:`detect.regression_sample.RegressionSample`: at most ``rcnn.bbox_reg.max_rows_per_class``
+per class, the same seeded rows the cached mode fits (:func:`detect.rcnn_training.fit_regression_rows`).
 
 Features are rounded to float16, as the cache stores them, so the same CNN outputs give bitwise the
 same SVMs in both modes, provided the CNN gives a row the same output in any batch of 8 rows or more
@@ -32,8 +35,9 @@ import torch
 
 from detect.errors import DetectError, ImageReadError
 from detect.hard_negatives import Batch, ImageFeatures, SVMResult, image_batches, mine_svms, positives_by_class
-from detect.rcnn_training import (RCNNParts, RegressionRows, image_rows, mining_settings, rcnn_parts,
-                                  regression_row_indices, svm_arguments)
+from detect.rcnn_training import (RCNNParts, image_rows, mining_settings, rcnn_parts, regression_row_indices,
+                                  regression_sample, svm_arguments)
+from detect.regression_sample import RegressionSample
 from detect.runlog import ProgressBar
 from detect.svm_heads import scale_from_norms, scale_rows, scale_sample
 
@@ -44,12 +48,12 @@ class StreamingResult:
 
     Attributes:
         svm: the mining's result (already loaded into the model); scale: the feature scale.
-        regression: stage 4's rows per image, for :func:`detect.rcnn_training.fit_regression_rows` (none
+        regression: stage 4's sample of rows, for :func:`detect.rcnn_training.fit_regression_rows` (None
             when ``rcnn.bbox_reg.enabled`` is false).
         failed: {image_id: reason} of the images skipped (unreadable).
         peak_bytes: the most bytes of features and rows held at once: ground-truth rows, positives, the
-            caches' buffers, stage 4's rows and the batch being mined (not the CNN's own activations).
-        regression_bytes: the part of it that is stage 4's rows (pool5 of the rows with IoU > 0.6).
+            caches' buffers, stage 4's sample and the batch being mined (not the CNN's own activations).
+        regression_bytes: stage 4's sample at that peak (pool5 of sampled rows with IoU > 0.6).
         full_cache_bytes: what a ``full`` feature cache of these images would hold (float16 features,
             pool5 rows, boxes, classes, overlaps; file headers aside).
         seconds: wall time of each pass ("ground_truth", "scale", "mining").
@@ -57,7 +61,7 @@ class StreamingResult:
 
     svm: SVMResult
     scale: float
-    regression: list[RegressionRows] = field(default_factory=list)
+    regression: RegressionSample | None = None
     failed: dict[str, str] = field(default_factory=dict)
     peak_bytes: int = 0
     regression_bytes: int = 0
@@ -67,17 +71,17 @@ class StreamingResult:
 
 @dataclass
 class _GroundTruth:
-    """What the first pass keeps of an image: its record, ground-truth features (float16) and row count."""
+    """What the first pass keeps of an image: its record, index, ground-truth SVM features (float16), row count."""
 
     record: object
+    index: int                 # among the readable images
     features: np.ndarray       # (G, D) SVM features
-    pool5: np.ndarray          # (G, D5)
     gt_classes: np.ndarray     # (G,)
     num_rows: int              # P = G + proposals
 
     @property
     def nbytes(self) -> int:
-        return self.features.nbytes + self.pool5.nbytes + self.gt_classes.nbytes
+        return self.features.nbytes + self.gt_classes.nbytes
 
 
 def _half(x: torch.Tensor) -> np.ndarray:
@@ -104,7 +108,9 @@ def fit_svms_streaming(model: torch.nn.Module, records, cfg, *, device: torch.de
     parts.module.eval().to(device)
     read = dict(device=device, use_difficult=cfg.data.use_difficult, max_pixels=cfg.data.max_image_pixels)
     start = time.perf_counter()
-    truth, failed = _ground_truth_pass(parts, records, read, cfg.rcnn.bbox_reg.enabled, progress, log)
+    sample = (regression_sample(cfg, parts.num_classes, parts.box_regressor.weight.shape[-1])
+              if cfg.rcnn.bbox_reg.enabled else None)
+    truth, failed = _ground_truth_pass(parts, records, read, sample, progress, log)
     seconds = {"ground_truth": time.perf_counter() - start}
     start = time.perf_counter()
     scale = _scale_pass(parts, truth, cfg.rcnn.svm.feature_norm, read, progress)
@@ -112,20 +118,23 @@ def fit_svms_streaming(model: torch.nn.Module, records, cfg, *, device: torch.de
     dim = parts.svm.weight.shape[1]
     positives = positives_by_class((ImageFeatures(t.features, t.gt_classes, None) for t in truth),
                                    parts.num_classes, dim, scale)
-    out = StreamingResult(svm=None, scale=scale, failed=failed)
+    out = StreamingResult(svm=None, scale=scale, regression=sample, failed=failed)
     held_truth = sum(t.nbytes for t in truth)
     start = time.perf_counter()
 
     def batches(epoch: int):
         for indices in image_batches(len(truth), mining_settings(cfg).batch_images):
-            yield [(j, _stream_image(parts, truth[j], read, cfg.rcnn.bbox_reg, out, first_pass=epoch == 0))
+            yield [(j, _stream_image(parts, truth[j], read, sample, cfg.rcnn.bbox_reg.min_overlap, out,
+                                      first_pass=epoch == 0))
                    for j in indices]
 
     def measure(batch: Batch, miner_bytes: int) -> None:
         rows = sum(img.features.nbytes + img.overlaps.nbytes + img.gt_classes.nbytes for _, img in batch)
         scaled = max(img.features.size * 4 for _, img in batch)    # the float32 copy the mining scores
-        held = miner_bytes + held_truth + out.regression_bytes + rows + scaled
-        out.peak_bytes = max(out.peak_bytes, held)
+        sampled = sample.nbytes if sample is not None else 0
+        held = miner_bytes + held_truth + sampled + rows + scaled
+        if held > out.peak_bytes:
+            out.peak_bytes, out.regression_bytes = held, sampled
 
     out.svm = mine_svms(positives, batches, num_images=len(truth), scale=scale, mining=mining_settings(cfg),
                         class_names=parts.class_names, progress=progress, log=log, on_batch=measure,
@@ -138,10 +147,10 @@ def fit_svms_streaming(model: torch.nn.Module, records, cfg, *, device: torch.de
     return out
 
 
-def _ground_truth_pass(parts: RCNNParts, records, read: dict, keep_pool5: bool, progress: bool,
+def _ground_truth_pass(parts: RCNNParts, records, read: dict, sample: RegressionSample | None, progress: bool,
                        log) -> tuple[list, dict]:
-    """Pass 1: each readable image's ground-truth features (pool5 too if ``keep_pool5``: stage 4's rows) and
-    row count; unreadable ones are reported."""
+    """Pass 1: each readable image's ground-truth features and row count (their pool5 offered to ``sample``,
+    stage 4's); unreadable ones are reported."""
     truth, failed, boxes = [], {}, 0
     bar = ProgressBar(total=len(records), desc="svm positives", unit="img", enabled=progress)
     for record in records:
@@ -153,9 +162,12 @@ def _ground_truth_pass(parts: RCNNParts, records, read: dict, keep_pool5: bool, 
             log(f"features: skipped image {record.image_id}: {exc}")
             continue
         pool5, features = parts.features(rows.image, rows.boxes[: rows.num_gt])
-        truth.append(_GroundTruth(record, _half(features),
-                                  _half(pool5 if keep_pool5 else pool5[:0]),
-                                  rows.gt_classes[: rows.num_gt].cpu().numpy(), len(rows.boxes)))
+        t = _GroundTruth(record, len(truth), _half(features), rows.gt_classes[: rows.num_gt].cpu().numpy(),
+                         len(rows.boxes))
+        truth.append(t)
+        if sample is not None:
+            keep = regression_row_indices(rows.overlaps[: rows.num_gt], sample.min_overlap).numpy()
+            _offer(sample, t, rows, keep, lambda at: _half(pool5[torch.from_numpy(keep[at]).to(pool5.device)]))
         boxes += rows.num_gt
         bar.describe(f"{boxes} ground-truth boxes, {len(failed)} failed")
     bar.close()
@@ -195,11 +207,18 @@ def _same_rows(parts: RCNNParts, t: _GroundTruth, read: dict):
     return rows
 
 
-def _stream_image(parts: RCNNParts, t: _GroundTruth, read: dict, bbox_reg, out: StreamingResult, *,
-                  first_pass: bool) -> ImageFeatures:
+def _offer(sample: RegressionSample, t: _GroundTruth, rows, keep: np.ndarray, pool5) -> None:
+    """Offer rows ``keep`` (indices among the image's rows) of an image to stage 4's sample."""
+    gt = rows.boxes[: rows.num_gt].cpu().numpy()
+    sample.add(image_index=t.index, image_id=t.record.image_id, num_rows=t.num_rows, rows=keep,
+               boxes=rows.boxes.cpu().numpy()[keep], gt_boxes=gt, gt_classes=t.gt_classes, pool5=pool5)
+
+
+def _stream_image(parts: RCNNParts, t: _GroundTruth, read: dict, sample: RegressionSample | None,
+                  min_overlap: float, out: StreamingResult, *, first_pass: bool) -> ImageFeatures:
     """One image's rows for the mining: ground-truth features from pass 1, proposal features computed now.
 
-    In the first pass the pool5 rows of stage 4 are kept (if ``bbox_reg.enabled``) and the image's share
+    In the first pass the proposals' stage-4 rows are offered to ``sample`` (if any) and the image's share
     of a full cache is counted.
     """
     rows = _same_rows(parts, t, read)
@@ -207,14 +226,11 @@ def _stream_image(parts: RCNNParts, t: _GroundTruth, read: dict, bbox_reg, out: 
     features = np.concatenate([t.features, _half(proposal_features)])
     overlaps = rows.overlaps.cpu().numpy()
     if first_pass:
-        keep = regression_row_indices(rows.overlaps, bbox_reg.min_overlap).numpy()
-        boxes = rows.boxes.cpu().numpy()
-        out.full_cache_bytes += (features.nbytes + len(keep) * pool5.shape[1] * 2 + boxes.nbytes + overlaps.nbytes
-                                 + len(boxes) * 8 + len(keep) * 8)
-        if bbox_reg.enabled:
-            gt_keep, prop_keep = keep[keep < rows.num_gt], keep[keep >= rows.num_gt] - rows.num_gt
-            pool5_rows = np.concatenate([t.pool5[gt_keep],
-                                         _half(pool5[torch.from_numpy(prop_keep).to(pool5.device)])])
-            out.regression.append(RegressionRows(boxes[keep], pool5_rows, boxes[: rows.num_gt], t.gt_classes))
-            out.regression_bytes += out.regression[-1].nbytes
+        keep = regression_row_indices(rows.overlaps, min_overlap).numpy()
+        out.full_cache_bytes += (features.nbytes + len(keep) * pool5.shape[1] * 2 + rows.boxes.numel() * 4
+                                 + overlaps.nbytes + len(rows.boxes) * 8 + len(keep) * 8)
+        prop_keep = keep[keep >= rows.num_gt]
+        if sample is not None:
+            at_pool5 = torch.from_numpy(prop_keep - rows.num_gt).to(pool5.device)
+            _offer(sample, t, rows, prop_keep, lambda at: _half(pool5[at_pool5[torch.from_numpy(at)]]))
     return ImageFeatures(features, rows.gt_classes.cpu().numpy(), overlaps)
