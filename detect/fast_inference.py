@@ -143,18 +143,30 @@ def _compile(module: nn.Module) -> nn.Module:
 
 
 def _stage_inputs(detector: nn.Module, parts: dict[str, tuple[nn.Module, str]], images: Iterable) -> dict:
-    """What each stage's layers take while ``detector`` detects on ``images``: {stage: [tensor, ...]}.
+    """What each stage's layers take on ``images`` at test time: {stage: [tensor, ...]}.
 
-    Recorded by forward pre-hooks, so each stage is calibrated on exactly its inputs at test time
-    (the trunk on resized, normalised, padded batches; the RPN head on the fp32 trunk's features).
+    Recorded by forward pre-hooks while the fp32 trunk (and the RPN head on its features) runs on
+    each image resized, normalised and padded as ``predict`` does it; proposals are not needed, so
+    a Fast R-CNN with stored proposals is calibrated on any training image too.
     """
+    from detect.data.loader import as_image_tensors
+    from detect.transforms import check_images
+
     recorded: dict[str, list[Tensor]] = {name: [] for name in parts}
     hooks = [getattr(parent, attr).register_forward_pre_hook(
         lambda module, args, name=name: recorded[name].append(args[0].clone())) for name, (parent, attr) in
         parts.items()]
     try:
-        for image in images:
-            detector.predict([image])
+        with torch.inference_mode():
+            for image in images:
+                batch, _ = detector.transform_for_test(check_images(as_image_tensors([image], torch.device("cpu"))),
+                                                       training=False)
+                x = batch.tensor
+                if detector.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                features = detector.backbone(x)
+                if "rpn_head" in parts:
+                    detector.proposals.head(features)
     finally:
         for hook in hooks:
             hook.remove()

@@ -79,8 +79,9 @@ def measure(model, precision: str, test_set, calibration: list, warmup: list, ar
     from detect.fast_inference import compile_count, optimize
 
     start = time.perf_counter()
-    fast = copy.deepcopy(model).prepare_for_inference()    # the fastest eager model (as the deploy benchmark's)
-    if precision != "eager fp32":
+    if precision == "eager fp32":       # the fastest eager model (as the deploy benchmark's)
+        fast = copy.deepcopy(model).prepare_for_inference()
+    else:
         fast = optimize(model, precision=precision, compile=not args.no_compile, calibration_images=calibration)
     with torch.inference_mode():
         for image in warmup:
