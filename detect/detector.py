@@ -334,8 +334,14 @@ class Detector(nn.Module):
         """The detector saved in a checkpoint (``model_final.pt``, ``model_best.pt``, a periodic one), in eval mode.
 
         Its pipeline, class names and config come from the checkpoint; ``overrides`` (``key=value``)
-        change the stored config, e.g. ``model.roi_heads.score_thresh=0.3``.
+        change the stored config, e.g. ``model.roi_heads.score_thresh=0.3``. An exported ``.onnx`` /
+        ``.pt2`` file gives a :class:`detect.runtime.ExportedDetector` instead (same ``predict`` and
+        ``class_names``; CPU only; no weights to train, and ``model.*`` overrides are refused).
         """
+        from detect.runtime import is_exported, load_exported   # here: runtime imports the proposal sources
+
+        if is_exported(path):
+            return load_exported(path, overrides=overrides, device=device)
         if cls.loader is None:
             raise RuntimeError("Detector.from_checkpoint: import it as 'from detect import Detector' "
                                "(detect.build registers the loader)")

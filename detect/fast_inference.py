@@ -11,10 +11,12 @@ eager fp32 (box decoding in bf16 would move a 400 px box by ~2 px: bf16 keeps 8 
   recompile (sizes 0 and 1 are specialised by dynamo, so a batch of 1 then of 2 compiles twice).
 * ``bf16``: the same layers under ``torch.autocast("cpu", torch.bfloat16)``, outputs cast back to
   float32. Fast only on CPUs with AVX512-BF16 or AMX (:func:`bf16_note` says when it is not).
-* ``int8``: post-training static quantization of the trunk's convolutions with PT2E and the x86
-  inductor quantizer (``torchao.quantization.pt2e``; torch >= 2.10 no longer ships
-  ``torch.ao.quantization.quantize_pt2e``), calibrated on given training images; then compiled
-  with freezing, which lowers the quantize/dequantize pairs to oneDNN int8 convolutions.
+* ``int8``: post-training static quantization of the trunk's and the RPN head's convolutions
+  (:data:`INT8_STAGES`) with PT2E and the x86 inductor quantizer (``torchao.quantization.pt2e``;
+  torch >= 2.10 no longer ships ``torch.ao.quantization.quantize_pt2e``), each calibrated on the
+  inputs it sees while the fp32 copy detects on the given training images; then compiled with
+  freezing, which lowers the quantize/dequantize pairs to oneDNN int8 convolutions. The per-RoI
+  layers and the class/box predictor stay fp32 (compiled).
 
 Written here rather than taken whole from a library because the detector's data-dependent parts
 (top-k proposals, NMS, per-image splits) must stay out of the graph; the compiling and
@@ -34,6 +36,9 @@ from detect.errors import DetectError
 
 Precision = Literal["fp32", "bf16", "int8"]
 PRECISIONS = ("fp32", "bf16", "int8")
+# The stages int8 quantizes (see :func:`stages`): the whole-image convolutions. The RPN head's 3x3
+# convolution is the widest layer of the tiny trunk's detector (128 -> 128 channels at stride 8).
+INT8_STAGES = ("trunk", "rpn_head")
 CPUINFO = Path("/proc/cpuinfo")
 
 
@@ -137,25 +142,40 @@ def _compile(module: nn.Module) -> nn.Module:
     return Compiled(module=module)
 
 
-def _example_inputs(detector: nn.Module, images: Iterable) -> list[Tensor]:
-    """Each calibration image as the trunk sees it: (1, 3, H, W), resized, normalised, padded."""
+def _stage_inputs(detector: nn.Module, parts: dict[str, tuple[nn.Module, str]], images: Iterable) -> dict:
+    """What each stage's layers take on ``images`` at test time: {stage: [tensor, ...]}.
+
+    Recorded by forward pre-hooks while the fp32 trunk (and the RPN head on its features) runs on
+    each image resized, normalised and padded as ``predict`` does it; proposals are not needed, so
+    a Fast R-CNN with stored proposals is calibrated on any training image too.
+    """
     from detect.data.loader import as_image_tensors
     from detect.transforms import check_images
 
-    out = []
-    with torch.inference_mode():
-        for image in images:
-            tensor = check_images(as_image_tensors([image], torch.device("cpu")))
-            batch, _ = detector.transform_for_test(tensor, training=False)
-            x = batch.tensor
-            if detector.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            out.append(x.clone())
-    return out
+    recorded: dict[str, list[Tensor]] = {name: [] for name in parts}
+    hooks = [getattr(parent, attr).register_forward_pre_hook(
+        lambda module, args, name=name: recorded[name].append(args[0].clone())) for name, (parent, attr) in
+        parts.items()]
+    try:
+        with torch.inference_mode():
+            for image in images:
+                batch, _ = detector.transform_for_test(check_images(as_image_tensors([image], torch.device("cpu"))),
+                                                       training=False)
+                x = batch.tensor
+                if detector.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                features = detector.backbone(x)
+                if "rpn_head" in parts:
+                    detector.proposals.head(features)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # clones outside inference mode: an inference tensor cannot be exported or observed
+    return {name: [x.clone() for x in xs] for name, xs in recorded.items()}
 
 
 def quantize_int8(module: nn.Module, examples: list[Tensor]) -> nn.Module:
-    """PT2E static int8 quantization of ``module`` calibrated on ``examples`` ((1, 3, H, W) inputs).
+    """PT2E static int8 quantization of ``module`` calibrated on ``examples`` (its (1, C, H, W) inputs).
 
     Returns the converted (reference, q/dq) graph module; compiling it with freezing lowers it to
     int8 kernels. Raises FastInferenceError naming what failed when torchao or the export is missing.
@@ -169,7 +189,7 @@ def quantize_int8(module: nn.Module, examples: list[Tensor]) -> nn.Module:
         raise FastInferenceError(f"int8 needs torchao's PT2E quantization (pip install torchao): {e}") from None
     from torch.export import Dim, export
 
-    dims = {0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO}
+    dims = {0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO}      # images per batch, feature height and width
     with torch.no_grad():
         graph = export(module.eval(), (examples[0],), dynamic_shapes=(dims,)).module()
         quantizer = X86InductorQuantizer()
@@ -210,9 +230,11 @@ def optimize(detector: nn.Module, *, precision: Precision = "fp32", compile: boo
     if precision == "int8":
         if "trunk" not in parts or not getattr(fast.head, "uses_feature_map", False):
             raise FastInferenceError("int8: only detectors with a trunk on the whole image (Faster/Fast R-CNN)")
-        parent, name = parts.pop("trunk")
-        trunk = quantize_int8(getattr(parent, name), _example_inputs(fast, calibration))
-        setattr(parent, name, _compile(trunk) if compile else trunk)
+        chosen = {name: parts.pop(name) for name in INT8_STAGES if name in parts}
+        examples = _stage_inputs(fast, chosen, calibration)
+        for name, (parent, attr) in chosen.items():
+            layers = quantize_int8(getattr(parent, attr), examples[name])
+            setattr(parent, attr, _compile(layers) if compile else layers)
     for parent, name in parts.values():
         layers = getattr(parent, name)
         if precision == "bf16":

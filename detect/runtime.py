@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from detect.config import config_from_dict
+from detect.config import config_from_dict, config_to_dict
 from detect.errors import CheckpointError, DetectError
 from detect.proposal_sources import build_proposal_source
 
@@ -202,25 +202,57 @@ class ExportedDetector:
         return scores, out
 
 
-def load_exported(path: str | Path, *, class_names: Sequence[str] | None = None,
-                  threads: int | None = None) -> ExportedDetector:
-    """Open an exported ``.onnx`` / ``.pt2`` file.
+def load_exported(path: str | Path, *, class_names: Sequence[str] | None = None, threads: int | None = None,
+                  overrides: Sequence[str] = (), device: str | torch.device = "cpu") -> ExportedDetector:
+    """Open an exported ``.onnx`` / ``.pt2`` file (what ``Detector.from_checkpoint`` does for these suffixes).
 
     Args:
         class_names: the classes the caller expects (e.g. the dataset's); other names are refused.
         threads: onnxruntime's intra-op threads (default: torch's thread count).
+        overrides: ``key=value`` changes of the stored config outside ``model.*`` (e.g. ``data.root`` or
+            Fast R-CNN's proposal source); a ``model.*`` value is baked into the graph and is refused.
+        device: only the CPU runs exported files here; another device is refused before the file is read.
 
     Raises:
         CheckpointError: one line naming the file: missing, unreadable, from another tool (no
             metadata), or exported for other classes.
+        DetectError: a device other than the CPU, or an override of the graph's ``model.*`` settings.
     """
     path = Path(path)
     fmt = SUFFIXES.get(path.suffix.lower())
     if fmt is None:
         raise CheckpointError(f"{path}: not an exported model (expected a {' or '.join(SUFFIXES)} file)")
+    if torch.device(device).type != "cpu":
+        raise DetectError(f"{path}: exported models run on the CPU here, not on {device} (use the checkpoint)")
     if not path.is_file():
         raise CheckpointError(f"exported model not found: {path}")
-    return open_exported(str(path), fmt, where=str(path), class_names=class_names, threads=threads)
+    detector = open_exported(str(path), fmt, where=str(path), class_names=class_names, threads=threads)
+    if overrides:
+        detector.config = overridden_config(detector.config, list(overrides), where=str(path))
+    return detector
+
+
+def overridden_config(config: dict, overrides: list[str], *, where: str) -> dict:
+    """The stored config with ``overrides`` applied; one that changes a ``model.*`` value is refused.
+
+    The graph was traced with the stored model settings (sizes, thresholds, NMS), so such an override
+    would be silently ignored; everything else (data, proposal source) is read outside the graph.
+    """
+    cfg = config_from_dict(dict(config), where=f"config stored in {where}", overrides=overrides)
+    resolved = config_to_dict(cfg)
+    stored = config_to_dict(config_from_dict(dict(config), where=f"config stored in {where}"))
+    changed = sorted(_changed_keys(stored.get("model", {}), resolved.get("model", {}), "model"))
+    if changed:
+        raise DetectError(f"{where}: --set {changed[0]} changes a setting baked into the exported graph; "
+                          "re-export the checkpoint with it instead")
+    return resolved
+
+
+def _changed_keys(old, new, prefix: str) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [k for key in old.keys() | new.keys()
+                for k in _changed_keys(old.get(key), new.get(key), f"{prefix}.{key}")]
+    return [] if old == new else [prefix]
 
 
 def open_exported(data: bytes | str, fmt: str, *, where: str, class_names: Sequence[str] | None = None,
@@ -241,11 +273,12 @@ def model_from_exported(path: str | Path, *, overrides: list[str] | None = None)
     """:func:`detect.build.model_from_checkpoint` for an exported file: ``(detector, Config, info)``.
 
     ``info`` has the checkpoint dict's "path", "class_names" and "config" keys, so a tool reads it as a
-    checkpoint's; ``overrides`` change the stored config (e.g. ``data.root``), not the graph.
+    checkpoint's; ``overrides`` change the stored config (e.g. ``data.root``), not the graph
+    (see :func:`load_exported`).
     """
-    detector = load_exported(path)
-    cfg = config_from_dict(dict(detector.config), where=f"config stored in {path}", overrides=overrides)
-    return detector, cfg, {"path": str(path), "class_names": detector.class_names, "config": detector.config}
+    detector = load_exported(path, overrides=overrides or ())
+    cfg = config_from_dict(dict(detector.config), where=f"config stored in {path}")
+    return detector, cfg, {"path": str(path), "class_names": detector.class_names, "config": detector.meta["config"]}
 
 
 def match_detections(expected: dict, actual: dict, *, box_tol: float = 0.5,

@@ -265,6 +265,32 @@ def test_runtime_scores_a_split_with_the_checkpoints_map(faster, fast, data):
         assert want > 0.02 and abs(got - want) <= 0.001, (want, got)
 
 
+def test_detector_from_checkpoint_opens_exported_files_as_checkpoints(faster, fast, data):
+    """Detector.from_checkpoint takes the .onnx / .pt2 as a checkpoint: same predict and class_names, CPU only."""
+    from detect import Detector
+    from detect.runtime import ExportedDetector
+
+    image = _resized(data, (181, 250), 3)
+    want = faster["model"].predict([image])[0]
+    for fmt in ("onnx", "torch-export"):
+        detector = Detector.from_checkpoint(faster["files"][fmt])
+        assert isinstance(detector, ExportedDetector) and detector.class_names == data["names"]
+        got = detector.predict([image])[0]
+        assert len(want["scores"]) >= 2 and match_detections(want, got)[0] is None, fmt
+    # config overrides outside the graph reach the runtime (here Fast R-CNN's proposal source) ...
+    detector = Detector.from_checkpoint(fast["files"]["onnx"], overrides=["fast_rcnn.proposal_source=ground_truth"])
+    assert detector.config["fast_rcnn"]["proposal_source"] == "ground_truth"
+    assert detector.meta["config"]["fast_rcnn"]["proposal_source"] == "selective_search"
+    # ... while a model setting baked into the graph, or another device, is refused in one line
+    with pytest.raises(DetectError, match=r"model\.roi_heads\.score_thresh changes a setting baked into") as info:
+        Detector.from_checkpoint(faster["files"]["onnx"], overrides=["model.roi_heads.score_thresh=0.3"])
+    assert "\n" not in str(info.value) and "model_final.onnx" in str(info.value)
+    with pytest.raises(DetectError, match="run on the CPU here, not on cuda"):
+        Detector.from_checkpoint(faster["files"]["torch-export"], device="cuda")
+    with pytest.raises(CheckpointError, match="not found"):
+        Detector.from_checkpoint(data["tmp"] / "missing.onnx")
+
+
 def test_fast_rcnn_runtime_runs_the_configs_selective_search(fast, data, capsys):
     """Without boxes the runtime finds proposals as the checkpoint does (here: selective search on the fly)."""
     model, _, _ = model_from_checkpoint(fast["ckpt"])

@@ -67,6 +67,29 @@ def test_optimize_leaves_the_original_detector_unchanged(tiny):
     assert type(tiny.backbone.trunk).__name__ == "Sequential"
 
 
+def test_int8_quantizes_the_trunk_and_rpn_head_on_their_own_inputs_and_keeps_the_roi_layers(tiny):
+    # Catches: a whole-image stage left in fp32 (no quantize nodes), the per-RoI layers or the predictor
+    # quantized, and a stage calibrated on other tensors than it sees (its scales clip the features).
+    pytest.importorskip("torchao")
+    from detect.transforms import check_images
+
+    fast = optimize(tiny, precision="int8", compile=False, calibration_images=_images((200, 300), (256, 240)))
+
+    def quantize_nodes(module):
+        return sum("quantize_per_tensor" in str(node.target) for node in module.graph.nodes)
+
+    assert quantize_nodes(fast.backbone.trunk) >= 5 and quantize_nodes(fast.proposals.head) >= 1
+    assert type(fast.head.box_head).__name__ == "Sequential" and type(fast.head.predictor) is type(tiny.head.predictor)
+    batch, _ = tiny.transform_for_test(check_images(_images((220, 280))), training=False)
+    with torch.no_grad():
+        features = tiny.backbone(batch.tensor)
+        want = tiny.proposals.head(features)
+        got = fast.proposals.head(fast.backbone.trunk(batch.tensor.contiguous(memory_format=torch.channels_last)))
+    for w, g in zip(want, got):
+        error = (w - g).abs().max() / w.abs().max()
+        assert 0 < error <= 0.05, error        # int8 did run, and within its rounding
+
+
 def test_int8_without_calibration_images_is_refused(tiny):
     with pytest.raises(FastInferenceError, match="int8 quantization needs calibration images"):
         optimize(tiny, precision="int8", calibration_images=[])

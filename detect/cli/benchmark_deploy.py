@@ -1,7 +1,8 @@
 """``benchmark_torchvision.py --mode deploy``: our fast inference paths beside torchvision eager fp32.
 
 Rows per setting and thread count: torchvision eager fp32, ours eager fp32 (``prepare_for_inference``),
-ours compiled fp32, bf16 and int8 (:func:`detect.fast_inference.optimize`), all on the same images
+ours compiled fp32, the whole detector exported to ONNX and run by onnxruntime, bf16 (skipped on a CPU
+without bf16 arithmetic) and int8 (:func:`detect.fast_inference.optimize`), all on the same images
 with the same weights and settings, one run each. Every row is measured in a fresh subprocess; its
 peak memory is that process's peak RSS (Linux ``VmHWM``, reset after the warm-up, so compilation
 is not counted; ``resource.getrusage`` maxrss where ``/proc`` is missing). The first two images
@@ -24,6 +25,7 @@ VARIANTS = {                   # name -> (model, precision, compiled)
     "torchvision eager fp32": ("torchvision", "fp32", False),
     "ours eager fp32": ("ours", "fp32", False),
     "ours compiled fp32": ("ours", "fp32", True),
+    "ours onnxruntime fp32": ("onnx", "fp32", False),
     "ours compiled bf16": ("ours", "bf16", True),
     "ours compiled int8": ("ours", "int8", True),
 }
@@ -47,6 +49,9 @@ def measure_variant(spec: dict) -> dict:
         if compiled or precision != "fp32":
             model = optimize(model, precision=precision, compile=compiled, calibration_images=calibration)
         run = lambda im: model.predict([im])                    # noqa: E731
+    elif kind == "onnx":       # the whole detector as one ONNX graph (detect.export), run by onnxruntime
+        model = _onnx_detector(ours.eval(), spec["threads"])
+        run = lambda im: model.predict([im])                    # noqa: E731
     else:
         theirs.eval()
 
@@ -65,6 +70,17 @@ def measure_variant(spec: dict) -> dict:
     seconds = time.perf_counter() - start
     return {"images_per_s": spec["passes"] * len(images) / seconds, "warmup_s": warmup, "peak_mb": peak_mb(),
             "graphs": compile_count()}
+
+
+def _onnx_detector(model, threads: int):
+    """``model`` exported to ONNX in memory (traced once, not checked: the export tests cover that), opened."""
+    from detect.export import metadata, serialize, trace
+    from detect.export_graphs import model_parts
+    from detect.runtime import open_exported
+
+    parts = model_parts(model)
+    data = serialize(trace(parts), "onnx", metadata(parts, config={}, input_dtype="float32", source="", notes=[]))
+    return open_exported(data, "onnx", where="benchmark", threads=max(1, threads))
 
 
 def _worker(spec: dict) -> dict:
@@ -95,6 +111,10 @@ def deploy(args, settings: list[str], tmp: Path) -> str:
         for threads in ([args.threads] if args.threads else [1, 2]):
             base = None
             for variant in VARIANTS:
+                if note and "bf16" in variant:     # emulated bf16 measures nothing the goal is about
+                    print(f"  {setting} {threads}t {variant}: skipped (no bf16 hardware)", flush=True)
+                    rows.append([setting, str(threads), variant, "skipped", "", "", "", "no AVX512-BF16 / AMX"])
+                    continue
                 spec = dict(setting=setting, variant=variant, root=str(root), images=args.images,
                             passes=args.passes, calibrate=args.calibrate, threads=threads,
                             overrides=args.overrides, size=args.size)

@@ -4,16 +4,21 @@
 
 The test split is the checkpoint's own (the synthetic split it was trained with) or, with ``--data``,
 a VOC-format folder's ``test`` split (classes must match the checkpoint's). int8 is calibrated on the
-first ``--calibrate`` images of the training split (never test images).
+first ``--calibrate`` images of the training split (never test images). Each row also gives the
+model's milliseconds per test image (``predict`` only, per stage too) after a warm-up on two training
+images that compiles the graphs, and its speed against eager fp32 in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from pathlib import Path
 
 from detect.cli.common import add_runtime_args, apply_runtime, run_cli
+
+WARMUP = 2          # training images run before timing (compilation happens there)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -29,16 +34,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> list[tuple[str, float, float]]:
-    """(precision, VOC07 mAP, seconds) rows, eager fp32 first."""
+def run(args: argparse.Namespace) -> list[dict]:
+    """One row per precision, eager fp32 first: "precision", "mAP", "ms_per_image", "stages_ms", "prepare_s"."""
     apply_runtime(args)
-    import torch
-
     from detect.build import model_from_checkpoint
     from detect.data.loader import build_dataset
-    from detect.engine import evaluate_split
     from detect.errors import DetectError
-    from detect.fast_inference import bf16_note, optimize
+    from detect.fast_inference import bf16_note, cpu_model
 
     overrides = [] if args.data is None else ["data.format=voc", f"data.root={args.data}", "data.test_split=test",
                                               "data.train_split=trainval"]
@@ -47,23 +49,51 @@ def run(args: argparse.Namespace) -> list[tuple[str, float, float]]:
     if list(test_set.class_names) != list(model.class_names):
         raise DetectError(f"{args.data}: classes {test_set.class_names} differ from the checkpoint's {model.class_names}")
     train_set = build_dataset(cfg, cfg.data.train_split)
-    calibration = [train_set[i][0] for i in range(min(args.calibrate, len(train_set)))]
+    calibration = [train_set[i][0] for i in range(min(max(args.calibrate, WARMUP), len(train_set)))]
     note = bf16_note()
+    print(f"{cpu_model()}, {__import__('torch').get_num_threads()} thread(s), {args.checkpoint}, "
+          f"{min(args.limit or len(test_set), len(test_set))} test images", flush=True)
     rows = []
     for precision in ["eager fp32", *[p for p in args.precisions.split(",") if p]]:
-        start = time.perf_counter()
-        if precision == "eager fp32":
-            fast = model
-        else:
-            if precision == "bf16" and note:
-                print(note)
-            fast = optimize(model, precision=precision, compile=not args.no_compile, calibration_images=calibration)
-        metrics, _ = evaluate_split(fast, test_set, device=torch.device("cpu"), metric="voc07",
-                                    log=lambda *_: None, limit=args.limit)
-        rows.append((precision, metrics["mAP"], time.perf_counter() - start))
-        print(f"  {precision:10s} VOC07 mAP {metrics['mAP']:.4f}  (change {100 * (metrics['mAP'] - rows[0][1]):+.2f} "
-              f"points, {rows[-1][2]:.0f} s with compilation)", flush=True)
+        if precision == "bf16" and note:
+            print(note)
+        rows.append(measure(model, precision, test_set, calibration[: args.calibrate], calibration[:WARMUP], args))
+        row, base = rows[-1], rows[0]
+        print(f"  {precision:10s} VOC07 mAP {row['mAP']:.4f} (change {100 * (row['mAP'] - base['mAP']):+.2f} points), "
+              f"{row['ms_per_image']:.1f} ms/image = {base['ms_per_image'] / row['ms_per_image']:.2f}x eager fp32 "
+              f"[{', '.join(f'{k} {v:.1f}' for k, v in row['stages_ms'].items())} ms], "
+              f"prepared in {row['prepare_s']:.0f} s, {row['recompiles']} recompilations while timed", flush=True)
     return rows
+
+
+def measure(model, precision: str, test_set, calibration: list, warmup: list, args) -> dict:
+    """Optimize ``model`` for ``precision``, warm it up on training images, score the test split.
+
+    ``ms_per_image`` is the model's own time (``predict``, as tools/test.py times it), after the
+    warm-up that compiles the graphs; recompilations during the timed pass are counted.
+    """
+    import torch
+
+    from detect.detector import TIMING_KEYS
+    from detect.engine import evaluate_split
+    from detect.fast_inference import compile_count, optimize
+
+    start = time.perf_counter()
+    if precision == "eager fp32":       # the fastest eager model (as the deploy benchmark's)
+        fast = copy.deepcopy(model).prepare_for_inference()
+    else:
+        fast = optimize(model, precision=precision, compile=not args.no_compile, calibration_images=calibration)
+    with torch.inference_mode():
+        for image in warmup:
+            fast.predict([image])
+    prepare = time.perf_counter() - start
+    graphs, timings = compile_count(), {}
+    metrics, _ = evaluate_split(fast, test_set, device=torch.device("cpu"), metric="voc07", log=lambda *_: None,
+                                limit=args.limit, timings=timings)
+    n = max(1, timings.get("images", 0))
+    return {"precision": precision, "mAP": metrics["mAP"], "ms_per_image": 1000 * timings.get("total", 0.0) / n,
+            "stages_ms": {k: 1000 * timings.get(k, 0.0) / n for k in TIMING_KEYS if k in timings},
+            "prepare_s": prepare, "recompiles": compile_count() - graphs}
 
 
 def main(argv: list[str] | None = None) -> int:
