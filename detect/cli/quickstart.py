@@ -43,8 +43,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="training processes (CPU: torchrun; 0: one per image of the batch, up to the cores)")
     add_runtime_args(parser)
     args = parser.parse_args(argv)
-    if args.processes < 0 or args.draw < 0:
-        parser.error(f"--processes and --draw must be 0 or more, got {args.processes} and {args.draw}")
+    if args.processes < 0:
+        parser.error(f"--processes must be 0 or more, got {args.processes}")
+    if args.draw < 0:
+        parser.error(f"--draw must be 0 or more, got {args.draw}")
     return args
 
 
