@@ -60,6 +60,11 @@ class ObjectTable:
         """(N,) the resize factor of each box's image: ``min(min_size / short, max_size / long)``."""
         return np.minimum(min_size / self.image_short, max_size / self.image_long)
 
+    def longer_side(self, short: int, *, max_size: int = MAX_SIZE, step: int = SIZE_STEP) -> int:
+        """The longer-side cap paired with ``short``: the widest image not shrunk further, at most ``max_size``."""
+        aspect = float((self.longs / self.shorts).max()) if len(self.shorts) else 4 / 3
+        return max(short, min(max_size, math.ceil(short * aspect / step) * step))
+
     def sides(self, min_size: int, max_size: int) -> np.ndarray:
         """(N,) ``sqrt(w * h)`` of each box at the network input."""
         return np.sqrt(self.widths * self.heights) * self.scales(min_size, max_size)
@@ -181,10 +186,9 @@ def suggest_input_size(records: Sequence[ImageRecord], *, min_side: float = MIN_
     cap = min(native, max_size)
     lo = min(min_short, cap)
     candidates = sorted({lo, cap, *range(math.ceil(lo / step) * step, cap, step)})
-    aspect = float((table.longs / table.shorts).max())
     classes = [table.labels == c for c in np.unique(table.labels)]
     for short in candidates:
-        long = max(short, min(max_size, math.ceil(short * aspect / step) * step))
+        long = table.longer_side(short, max_size=max_size, step=step)
         # a tolerance so that an object landing exactly on min_side counts whatever the float rounding
         big = table.sides(short, long) >= min_side - 1e-6
         covered, worst = float(big.mean()), min(float(big[c].mean()) for c in classes)

@@ -14,7 +14,6 @@ change the numbers little; the sizes are timed in turn, ``--repeats`` times, and
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 from pathlib import Path
@@ -44,13 +43,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def longer_side(records, short: int, step: int = 32, cap: int = 1333) -> int:
-    """The longer-side cap the input-size rule pairs with ``short``: the widest image not shrunk further."""
+def longer_side(records, short: int) -> int:
+    """The longer-side cap the input-size rule pairs with ``short`` (:meth:`ObjectTable.longer_side`)."""
     from detect.input_size import object_table
 
-    table = object_table(records)
-    aspect = float((table.longs / table.shorts).max()) if len(table.shorts) else 4 / 3
-    return max(short, min(cap, math.ceil(short * aspect / step) * step))
+    return object_table(records).longer_side(short)
 
 
 def _sized(cfg, short: int, long: int):
@@ -105,17 +102,18 @@ def run(args: argparse.Namespace) -> str:
         raise ConfigError(f"{args.config}: model.pipeline is {cfg.model.pipeline!r}; this benchmark times "
                           "Faster R-CNN (whose cost is all in the image size)")
     records, class_names, _ = load_records(cfg, cfg.data.train_split)
+    longs = {short: longer_side(records, short) for short in args.sizes}
+    sized = {short: _sized(cfg, short, longs[short]) for short in args.sizes}
+    datasets = {short: build_dataset(sized[short], cfg.data.train_split, train=True) for short in args.sizes}
     rows, times = [], {s: ([], []) for s in args.sizes}
     for _ in range(args.repeats):
         for short in args.sizes:
-            sized = _sized(cfg, short, longer_side(records, short))
-            train_s, test_s = _time_size(sized, build_dataset(sized, cfg.data.train_split, train=True),
-                                         class_names, args.iters, args.images)
+            train_s, test_s = _time_size(sized[short], datasets[short], class_names, args.iters, args.images)
             times[short][0].append(train_s)
             times[short][1].append(test_s)
     first = None
     for short in args.sizes:
-        long = longer_side(records, short)
+        long = longs[short]
         stats = size_statistics(records, class_names, min_size=short, max_size=long)
         present = [row for row in stats[:-1] if row.count]
         worst16 = max(present, key=lambda row: row.under_16)

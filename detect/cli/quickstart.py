@@ -96,7 +96,14 @@ def run(args: argparse.Namespace) -> dict:
     start, cpu_start = time.perf_counter(), _cpu_seconds()
     cfg = load_config(args.config, args.overrides)
     root = ensure_synthetic(cfg.data)
-    phases = {"dataset": time.perf_counter() - start}
+    phases: dict[str, float] = {}
+
+    def lap(name: str) -> float:
+        """Seconds since the previous phase ended, recorded as phase ``name``."""
+        phases[name] = time.perf_counter() - start - sum(phases.values())
+        return phases[name]
+
+    lap("dataset")
     print(f"[1/4] synthetic dataset: {root}  ({phases['dataset']:.0f} s)")
 
     print("[2/4] training")
@@ -112,15 +119,13 @@ def run(args: argparse.Namespace) -> dict:
         if train.main(train_args):        # the tool printed its one-line error
             raise DetectError("quickstart: training failed (see the error above)")
 
-    phases["training"] = time.perf_counter() - start - sum(phases.values())
-    print(f"[3/4] testing  (training took {phases['training']:.0f} s)")
+    print(f"[3/4] testing  (training took {lap('training'):.0f} s)")
     checkpoint = train_dir / "model_final.pt"
     report = test.run(test.parse_args(["--checkpoint", str(checkpoint), "--split", cfg.data.test_split,
                                        "--metric", "voc07", "--out", str(args.out / "test"), *common]))
 
-    phases["testing"] = time.perf_counter() - start - sum(phases.values())
     drawing = f"the first {args.draw}" if args.draw else "all"
-    print(f"[4/4] demo: drawing the detections of {drawing} test images  (testing took {phases['testing']:.0f} s)")
+    print(f"[4/4] demo: drawing the detections of {drawing} test images  (testing took {lap('testing'):.0f} s)")
     images = args.out / "test_images"
     shutil.rmtree(images, ignore_errors=True)
     images.mkdir(parents=True)
@@ -132,7 +137,7 @@ def run(args: argparse.Namespace) -> dict:
     demo.run(demo.parse_args(["--checkpoint", str(checkpoint), "--images", str(images), "--out", str(drawn),
                               *common]))
 
-    phases["drawing"] = time.perf_counter() - start - sum(phases.values())
+    lap("drawing")
     mean_ap = report["metrics"]["voc07"]["mAP"]
     minutes = (time.perf_counter() - start) / 60
     cpu_minutes = (_cpu_seconds() - cpu_start) / 60
