@@ -174,6 +174,39 @@ def _stage_inputs(detector: nn.Module, parts: dict[str, tuple[nn.Module, str]], 
     return {name: [x.clone() for x in xs] for name, xs in recorded.items()}
 
 
+_ACTIVATIONS = ("torch.nn.modules.activation.ReLU", "torch.nn.modules.activation.ReLU6")
+
+
+def split_reused_activations(graph: torch.fx.GraphModule) -> int:
+    """Give each call of a reused activation module its own source partition; returns the calls relabelled.
+
+    torchvision's ResNet blocks call one ``self.relu`` three times. The quantizer groups an exported
+    graph's nodes by the module they came from (``nn_module_stack``), so those three ReLU nodes form
+    one partition with three outputs, and the x86 inductor quantizer's conv + add + ReLU pattern
+    then fails ("Input partition has more than one output node"). An activation call is one node,
+    so relabelling each with a numbered name changes only the grouping.
+    """
+    calls: dict[str, list[torch.fx.Node]] = {}
+    for node in graph.graph.nodes:
+        stack = node.meta.get("nn_module_stack") if node.op == "call_function" else None
+        if stack:
+            key, (fqn, cls) = list(stack.items())[-1]
+            name = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
+            if name in _ACTIVATIONS:
+                calls.setdefault(fqn, []).append(node)
+    relabelled = 0
+    for fqn, nodes in calls.items():
+        if len(nodes) < 2:
+            continue
+        for i, node in enumerate(nodes):
+            stack = dict(node.meta["nn_module_stack"])
+            key, (_, cls) = list(stack.items())[-1]
+            stack[key] = (f"{fqn}.call{i}", cls)
+            node.meta["nn_module_stack"] = stack
+            relabelled += 1
+    return relabelled
+
+
 def quantize_int8(module: nn.Module, examples: list[Tensor]) -> nn.Module:
     """PT2E static int8 quantization of ``module`` calibrated on ``examples`` (its (1, C, H, W) inputs).
 
@@ -192,6 +225,7 @@ def quantize_int8(module: nn.Module, examples: list[Tensor]) -> nn.Module:
     dims = {0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO}      # images per batch, feature height and width
     with torch.no_grad():
         graph = export(module.eval(), (examples[0],), dynamic_shapes=(dims,)).module()
+        split_reused_activations(graph)
         quantizer = X86InductorQuantizer()
         quantizer.set_global(get_default_x86_inductor_quantization_config())
         prepared = prepare_pt2e(graph, quantizer)

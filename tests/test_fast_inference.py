@@ -108,3 +108,42 @@ def test_bf16_note_names_the_missing_cpu_flags(tmp_path):
     assert note.startswith("bf16: this CPU has neither AVX512-BF16 nor AMX-BF16")
     assert bf16_note({"avx2", "avx512_bf16"}) is None
     assert bf16_note({"amx_bf16"}) is None
+
+
+def test_reused_relu_of_a_resnet_block_becomes_one_partition_per_call():
+    # torchvision's Bottleneck calls one self.relu three times; the int8 quantizer's conv + add + ReLU
+    # pattern needs each call to be a partition with one output (it raised on ResNet-50-C4 before).
+    from torch.export import Dim, export
+    from torch.fx.passes.utils.source_matcher_utils import get_source_partitions
+    from torchvision.models.resnet import Bottleneck
+
+    from detect.fast_inference import split_reused_activations
+
+    block = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3, padding=1), Bottleneck(64, 16)).eval()
+    graph = export(block, (torch.randn(1, 3, 24, 32),),
+                   dynamic_shapes=({0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO},)).module()
+    before = get_source_partitions(graph.graph, [torch.nn.ReLU])[torch.nn.ReLU]
+    assert [len(p.output_nodes) for p in before] == [3]
+    assert split_reused_activations(graph) == 3
+    after = get_source_partitions(graph.graph, [torch.nn.ReLU])[torch.nn.ReLU]
+    assert [len(p.output_nodes) for p in after] == [1, 1, 1]
+    assert len({p.output_nodes[0] for p in after}) == 3
+    assert split_reused_activations(graph) == 0          # already one name per call
+    x = torch.randn(1, 3, 40, 24)
+    torch.testing.assert_close(graph(x), block(x))         # the graph itself is untouched
+
+
+def test_int8_quantizes_a_resnet_block_with_a_reused_relu():
+    pytest.importorskip("torchao")
+    from torchvision.models.resnet import Bottleneck
+
+    from detect.fast_inference import quantize_int8
+
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3, padding=1), Bottleneck(64, 16)).eval()
+    examples = [torch.randn(1, 3, 24 + 8 * i, 32) for i in range(4)]
+    quantized = quantize_int8(block, examples)
+    with torch.no_grad():
+        want, got = block(examples[1]), quantized(examples[1])
+    assert got.shape == want.shape
+    assert (got - want).abs().mean() < 0.05 * want.abs().mean()

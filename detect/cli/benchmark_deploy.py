@@ -31,33 +31,47 @@ VARIANTS = {                   # name -> (model, precision, compiled)
 }
 
 
-def measure_variant(spec: dict) -> dict:
-    """One row: images/s over ``passes`` passes, compile (warm-up) seconds, peak RSS MB."""
+def _runner(variant: str, ours, theirs, calibration: list, threads: int):
+    """The function that runs one image through ``variant`` (built from ``ours`` / ``theirs``, left untouched)."""
+    import copy
+
     import torch
 
-    from detect.fast_inference import compile_count, optimize
+    from detect.fast_inference import optimize
+
+    kind, precision, compiled = VARIANTS[variant]
+    if kind == "ours":
+        model = copy.deepcopy(ours).eval().prepare_for_inference()
+        if compiled or precision != "fp32":
+            model = optimize(model, precision=precision, compile=compiled, calibration_images=calibration)
+        return lambda im: model.predict([im])
+    if kind == "onnx":         # the whole detector as one ONNX graph (detect.export), run by onnxruntime
+        model = _onnx_detector(copy.deepcopy(ours).eval(), threads)
+        return lambda im: model.predict([im])
+    theirs.eval()
+
+    def run(im):
+        with torch.inference_mode():
+            return theirs([im])
+    return run
+
+
+def _setup(spec: dict):
     from detect.utils.runtime import setup_runtime
 
     setup_runtime(threads=spec["threads"])
-    kind, precision, compiled = VARIANTS[spec["variant"]]
     ours, theirs, _ = build_pair(spec["setting"], 5, spec["overrides"], spec["size"])
     images, _ = load_images(Path(spec["root"]), spec["images"] + spec["calibrate"])
-    images, calibration = images[: spec["images"]], images[spec["images"]:]
-    start = time.perf_counter()
-    if kind == "ours":
-        model = ours.eval().prepare_for_inference()
-        if compiled or precision != "fp32":
-            model = optimize(model, precision=precision, compile=compiled, calibration_images=calibration)
-        run = lambda im: model.predict([im])                    # noqa: E731
-    elif kind == "onnx":       # the whole detector as one ONNX graph (detect.export), run by onnxruntime
-        model = _onnx_detector(ours.eval(), spec["threads"])
-        run = lambda im: model.predict([im])                    # noqa: E731
-    else:
-        theirs.eval()
+    return ours, theirs, images[: spec["images"]], images[spec["images"]:]
 
-        def run(im):
-            with torch.inference_mode():
-                return theirs([im])
+
+def measure_variant(spec: dict) -> dict:
+    """One row: images/s over ``passes`` passes, compile (warm-up) seconds, peak RSS MB."""
+    from detect.fast_inference import compile_count
+
+    ours, theirs, images, calibration = _setup(spec)
+    start = time.perf_counter()
+    run = _runner(spec["variant"], ours, theirs, calibration, spec["threads"])
     del ours
     for im in images[:2]:
         run(im)
@@ -70,6 +84,38 @@ def measure_variant(spec: dict) -> dict:
     seconds = time.perf_counter() - start
     return {"images_per_s": spec["passes"] * len(images) / seconds, "warmup_s": warmup, "peak_mb": peak_mb(),
             "graphs": compile_count()}
+
+
+def measure_interleaved(spec: dict, before_timing=None) -> dict:
+    """Every variant of ``spec["variants"]`` in this one process, taking turns image by image.
+
+    Each image goes through all variants in a rotating order before the next image, so a burst of
+    load from elsewhere lands on all of them alike (the subprocess-per-variant rows cannot promise
+    that on a shared machine). Returns, per variant, the median milliseconds per image over
+    ``passes`` passes and the warm-up seconds; no peak memory (the process holds them all).
+    ``before_timing()``, when given, runs once the warm-ups are done (a harness may quiet the machine there).
+    """
+    import statistics
+
+    ours, theirs, images, calibration = _setup(spec)
+    runs, warmups = {}, {}
+    for variant in spec["variants"]:
+        start = time.perf_counter()
+        runs[variant] = _runner(variant, ours, theirs, calibration, spec["threads"])
+        for im in images[:2]:
+            runs[variant](im)
+        warmups[variant] = time.perf_counter() - start
+    if before_timing is not None:
+        before_timing()
+    times: dict[str, list[float]] = {v: [] for v in runs}
+    order = list(runs)
+    for n in range(spec["passes"] * len(images)):
+        im = images[n % len(images)]
+        for variant in order[n % len(order):] + order[: n % len(order)]:
+            start = time.perf_counter()
+            runs[variant](im)
+            times[variant].append(time.perf_counter() - start)
+    return {v: {"ms": 1000 * statistics.median(t), "warmup_s": warmups[v]} for v, t in times.items()}
 
 
 def _onnx_detector(model, threads: int):
@@ -93,6 +139,29 @@ def _worker(spec: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _interleaved_rows(args, setting: str, threads: int, root: Path, note: str | None) -> list[list[str]]:
+    """``--interleave``: one subprocess measures every variant of a setting and thread count by turns."""
+    variants = [v for v in VARIANTS if not (note and "bf16" in v)]
+    spec = dict(setting=setting, variants=variants, root=str(root), images=args.images, passes=args.passes,
+                calibrate=args.calibrate, threads=threads, overrides=args.overrides, size=args.size)
+    r = _worker(spec)
+    if "error" in r:
+        print(f"  {setting} {threads}t: failed: {r['error']}", flush=True)
+        return [[setting, str(threads), "all", "failed", "", "", "", r["error"]]]
+    base = 1000 / r["torchvision eager fp32"]["ms"]
+    rows = []
+    for variant in VARIANTS:
+        if variant not in r:
+            rows.append([setting, str(threads), variant, "skipped", "", "", "", "no AVX512-BF16 / AMX"])
+            continue
+        ips = 1000 / r[variant]["ms"]
+        print(f"  {setting} {threads}t {variant:24s} {ips:6.2f} images/s {ips / base:5.2f}x "
+              f"({r[variant]['ms']:.1f} ms median) warm-up {r[variant]['warmup_s']:.0f} s", flush=True)
+        rows.append([setting, str(threads), variant, f"{ips:.2f}", f"{ips / base:.2f}x", "-",
+                     f"{r[variant]['warmup_s']:.0f}", f"median {r[variant]['ms']:.1f} ms"])
+    return rows
+
+
 def deploy(args, settings: list[str], tmp: Path) -> str:
     """Measure every variant for each setting and thread count (1 and 2, or ``--threads``); the table."""
     import torch
@@ -109,6 +178,9 @@ def deploy(args, settings: list[str], tmp: Path) -> str:
     rows = []
     for setting in settings:
         for threads in ([args.threads] if args.threads else [1, 2]):
+            if args.interleave:
+                rows += _interleaved_rows(args, setting, threads, root, note)
+                continue
             base = None
             for variant in VARIANTS:
                 if note and "bf16" in variant:     # emulated bf16 measures nothing the goal is about
@@ -129,10 +201,13 @@ def deploy(args, settings: list[str], tmp: Path) -> str:
                       f"warm-up {r['warmup_s']:.0f} s, peak {r['peak_mb']:.0f} MB", flush=True)
                 rows.append([setting, str(threads), variant, f"{r['images_per_s']:.2f}", ratio,
                              f"{r['peak_mb']:.0f}", f"{r['warmup_s']:.0f}", ""])
+    how = ("all variants in one process per setting and thread count, taking turns image by image; "
+           "images/s from the median time per image; no per-variant peak memory" if args.interleave else
+           "one run; peak = the subprocess's peak RSS after warm-up")
     header = (f"Inference, this toolkit's fast paths vs torchvision {__import__('torchvision').__version__} eager "
               f"fp32 (torch {torch.__version__}, {cpu_model()}, {os.cpu_count()} CPUs, "
               f"load {os.getloadavg()[0]:.1f} at the end, {time.strftime('%Y-%m-%d')}, {args.images} images x "
-              f"{args.passes} passes, one run; peak = the subprocess's peak RSS after warm-up)"
+              f"{args.passes} passes, {how})"
               + (f"\n\n{note}" if note else ""))
     lines = [header, "", "| setting | threads | variant | images/s | vs torchvision | peak RSS MB | warm-up s | note |",
              "|---|---|---|---|---|---|---|---|"] + ["| " + " | ".join(r) + " |" for r in rows]
@@ -145,4 +220,5 @@ def deploy(args, settings: list[str], tmp: Path) -> str:
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure_variant(json.loads(sys.argv[1]))))
+    job = json.loads(sys.argv[1])
+    print(json.dumps(measure_interleaved(job) if "variants" in job else measure_variant(job)))

@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="deploy: ours eager/compiled fp32, bf16, int8 vs torchvision eager fp32 (inference)")
     parser.add_argument("--calibrate", type=int, default=8, metavar="N",
                         help="deploy: training images that calibrate int8 quantization")
+    parser.add_argument("--interleave", action="store_true",
+                        help="deploy: all variants in one process, taking turns image by image (fair on a "
+                             "shared machine; no per-variant peak memory)")
     parser.add_argument("--setting", action="append", choices=sorted(SETTINGS), default=None,
                         help="trunk and sizes (repeatable; default: tiny)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
