@@ -98,3 +98,30 @@ def test_accuracy_mode_rejects_bad_seeds(tmp_path):
         bench.accuracy(args, "tiny")
     args = bench.parse_args(["--mode", "accuracy", "--seeds", "0", "--data-root", str(tmp_path)])
     assert bench.accuracy(args, "tiny") == []          # no dataset there: skipped, nothing measured
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_speed_training_steps_run_under_bf16_autocast_with_amp(tmp_path, monkeypatch, amp):
+    """Catches --amp not reaching the training step (or autocast left on without it), for both detectors."""
+    root = generate_synthetic(tmp_path / "syn", num_images=3, seed=0, empty_fraction=0.0)
+    seen = []
+
+    def recording(method):
+        def call(*args, **kwargs):
+            seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+            return method(*args, **kwargs)
+        return call
+
+    def build_pair(*args, **kwargs):
+        ours, theirs, cfg = real_build_pair(*args, **kwargs)
+        ours.loss, theirs.forward = recording(ours.loss), recording(theirs.forward)
+        return ours, theirs, cfg
+
+    real_build_pair = bench.build_pair
+    monkeypatch.setattr(bench, "build_pair", build_pair)
+    for model in ("ours", "torchvision"):
+        seen.clear()
+        spec = dict(setting="tiny", model=model, phase="train", root=str(root), images=2, passes=1, batch=2,
+                    device="cpu", threads=1, overrides=["model.input.max_size=160"], size=96, amp=amp)
+        assert bench.measure(spec)["images_per_s"] > 0
+        assert seen and all(s == amp for s in seen), model

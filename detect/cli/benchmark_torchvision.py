@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="deploy: ours eager/compiled fp32, bf16, int8 vs torchvision eager fp32 (inference)")
     parser.add_argument("--calibrate", type=int, default=8, metavar="N",
                         help="deploy: training images that calibrate int8 quantization")
+    parser.add_argument("--amp", action="store_true",
+                        help="speed: training steps of both detectors under bfloat16 autocast (train.amp)")
     parser.add_argument("--interleave", action="store_true",
                         help="deploy: all variants in one process, taking turns image by image (fair on a "
                              "shared machine; no per-variant peak memory)")
@@ -143,9 +145,12 @@ def measure(spec: dict) -> dict:
         loss = (lambda i, t: model.loss(i, t)) if spec["model"] == "ours" else (lambda i, t: model(i, t))
         b = spec["batch"]
 
+        amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(spec.get("amp")))
+
         def step(k):
             pick = [(k * b + j) % len(images) for j in range(b)]
-            total = sum(loss([images[i] for i in pick], [targets[i] for i in pick]).values())
+            with amp:
+                total = sum(loss([images[i] for i in pick], [targets[i] for i in pick]).values())
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
@@ -185,14 +190,15 @@ def speed(args: argparse.Namespace, setting: str, root: Path) -> list[list[str]]
             for model in ("ours", "torchvision"):
                 spec = dict(setting=setting, model=model, phase=phase, root=str(root), images=args.images,
                             passes=args.passes, batch=args.batch, device=args.device, threads=args.threads,
-                            overrides=args.overrides, size=args.size)
+                            overrides=args.overrides, size=args.size, amp=args.amp and phase == "train")
                 result = _run_worker(spec)
                 if model not in best or result["images_per_s"] > best[model]["images_per_s"]:
                     best[model] = result
                 print(f"  {setting} {phase:9s} {model:11s} {result['images_per_s']:7.2f} images/s "
                       f"(cpu {result['cpu_s']:.1f} s), peak {result['peak_mb']:.0f} MB", flush=True)
         o, t = best["ours"], best["torchvision"]
-        what = "inference" if phase == "inference" else f"training (batch {args.batch})"
+        amp = ", bf16 autocast" if args.amp else ""
+        what = "inference" if phase == "inference" else f"training (batch {args.batch}{amp})"
         rows.append([setting, f"{what} images/s", f"{o['images_per_s']:.2f}", f"{t['images_per_s']:.2f}",
                      f"{o['images_per_s'] / t['images_per_s']:.2f}x"])
         mem = "GPU memory allocated" if args.device == "cuda" else "RSS"

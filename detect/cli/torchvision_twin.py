@@ -50,7 +50,12 @@ class _PoolAdapter(nn.Module):
             self.pooler = RoIAlign(pooler.output_size, pooler.spatial_scale, pooler.sampling_ratio, pooler.aligned)
 
     def forward(self, features: dict[str, Tensor], proposals: list[Tensor], image_shapes) -> Tensor:
-        return self.pooler(features["0"], proposals)
+        x = features["0"]
+        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+            # CPU bf16 autocast (benchmark --amp): torchvision's CPU RoIPool kernel is float32/64 only
+            # and raises; pooled in float32, as ours does (detect.roi_pool.RoIPool)
+            return self.pooler(x.float(), [p.float() for p in proposals])
+        return self.pooler(x, proposals)
 
 
 def torchvision_twin(ours: nn.Module, cfg: Config) -> TVFasterRCNN:
