@@ -1,13 +1,26 @@
-"""Shared fixtures: a tiny hand-made VOC tree (with difficult and truncated objects)."""
+"""Shared fixtures: a tiny hand-made VOC tree (with difficult and truncated objects).
 
-from pathlib import Path
+Also pins the CPU kernels to AVX2 for the whole suite (and every subprocess a test starts), before
+torch is imported: ATen's vectorised kernels (``ATEN_CPU_CAPABILITY``) and oneDNN's convolutions
+(``ONEDNN_MAX_CPU_ISA``) otherwise pick AVX-512 code where the CPU has it, whose results differ in the
+last bits. The bitwise golden tests (``test_one_detector``) and the trained-model thresholds were
+recorded with AVX2 kernels, and on an AVX-512 EPYC they failed without this (2026-12-02). A CPU
+without AVX-512 runs the same kernels either way; set the variables yourself to test other kernels.
+"""
 
-import numpy as np
-import pytest
-from PIL import Image
+import os
 
-from detect.data.records import ImageRecord
-from detect.data.voc import VOCDataset, write_annotation, write_split
+os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from detect.data.records import ImageRecord  # noqa: E402
+from detect.data.voc import VOCDataset, write_annotation, write_split  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
