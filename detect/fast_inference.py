@@ -190,7 +190,7 @@ def split_reused_activations(graph: torch.fx.GraphModule) -> int:
     for node in graph.graph.nodes:
         stack = node.meta.get("nn_module_stack") if node.op == "call_function" else None
         if stack:
-            key, (fqn, cls) = list(stack.items())[-1]
+            fqn, cls = list(stack.values())[-1]
             name = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
             if name in _ACTIVATIONS:
                 calls.setdefault(fqn, []).append(node)
