@@ -139,9 +139,18 @@ def _worker(spec: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _needs_missing_bf16(variant: str, note: str | None) -> bool:
+    """A bf16 row on a CPU without bf16 arithmetic (``note`` says so): emulated bf16 measures nothing the goal is about."""
+    return bool(note) and "bf16" in variant
+
+
+def _skipped_row(setting: str, threads: int, variant: str) -> list[str]:
+    return [setting, str(threads), variant, "skipped", "", "", "", "no AVX512-BF16 / AMX"]
+
+
 def _interleaved_rows(args, setting: str, threads: int, root: Path, note: str | None) -> list[list[str]]:
     """``--interleave``: one subprocess measures every variant of a setting and thread count by turns."""
-    variants = [v for v in VARIANTS if not (note and "bf16" in v)]
+    variants = [v for v in VARIANTS if not _needs_missing_bf16(v, note)]
     spec = dict(setting=setting, variants=variants, root=str(root), images=args.images, passes=args.passes,
                 calibrate=args.calibrate, threads=threads, overrides=args.overrides, size=args.size)
     r = _worker(spec)
@@ -152,7 +161,7 @@ def _interleaved_rows(args, setting: str, threads: int, root: Path, note: str | 
     rows = []
     for variant in VARIANTS:
         if variant not in r:
-            rows.append([setting, str(threads), variant, "skipped", "", "", "", "no AVX512-BF16 / AMX"])
+            rows.append(_skipped_row(setting, threads, variant))
             continue
         ips = 1000 / r[variant]["ms"]
         print(f"  {setting} {threads}t {variant:24s} {ips:6.2f} images/s {ips / base:5.2f}x "
@@ -183,9 +192,9 @@ def deploy(args, settings: list[str], tmp: Path) -> str:
                 continue
             base = None
             for variant in VARIANTS:
-                if note and "bf16" in variant:     # emulated bf16 measures nothing the goal is about
+                if _needs_missing_bf16(variant, note):
                     print(f"  {setting} {threads}t {variant}: skipped (no bf16 hardware)", flush=True)
-                    rows.append([setting, str(threads), variant, "skipped", "", "", "", "no AVX512-BF16 / AMX"])
+                    rows.append(_skipped_row(setting, threads, variant))
                     continue
                 spec = dict(setting=setting, variant=variant, root=str(root), images=args.images,
                             passes=args.passes, calibrate=args.calibrate, threads=threads,
