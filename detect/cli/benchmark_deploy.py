@@ -140,7 +140,7 @@ def _worker(spec: dict) -> dict:
 
 
 def _needs_missing_bf16(variant: str, note: str | None) -> bool:
-    """A bf16 row on a CPU without bf16 arithmetic (``note`` says so): emulated bf16 measures nothing the goal is about."""
+    """A bf16 row on a CPU without bf16 arithmetic (``note`` says so): emulated bf16 measures nothing useful."""
     return bool(note) and "bf16" in variant
 
 
