@@ -192,3 +192,51 @@ def hflip(image: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
     wrapped = tv_tensors.BoundingBoxes(boxes, format=tv_tensors.BoundingBoxFormat.XYXY, canvas_size=(height, width))
     flipped_boxes = TF.horizontal_flip(wrapped)
     return TF.horizontal_flip(image), flipped_boxes.as_subclass(Tensor)
+
+
+@dataclass(frozen=True)
+class TrainAugment:
+    """Training-only photometric and crop augmentation (``model.input.color_jitter`` / ``crop``).
+
+    Both are off by default: the papers train with flips only (Fast R-CNN Sec. 3.1). On a small
+    dataset trained from scratch for hundreds of epochs they trade memorising the training images
+    for seeing them in new colours and framings:
+
+    * ``color_jitter`` ``s``: brightness, contrast and saturation each scaled by a factor drawn from
+      ``[1 - s, 1 + s]`` (``torchvision.transforms.v2.ColorJitter``; the hue is left alone).
+    * ``crop`` ``p``: with probability ``p``, a random crop of ``crop_min_scale``-1 of each side (aspect
+      ratio 1:2 to 2:1) that holds the centre of at least one object; the objects whose centre falls
+      inside it are kept, clipped to it, the others dropped. This is SSD's random crop (Liu et al. 2016,
+      Sec. 2.2, ``torchvision.transforms.v2.RandomIoUCrop``) with its minimum-IoU choices reduced to 0:
+      SSD's IoU 0.1-0.9 choices are out of reach for small objects and only cost retries. The network
+      then resizes the crop to the training scale, so its objects are seen larger. Images without
+      objects are never cropped.
+
+    Randomness comes from torch's global generator, so a seeded run repeats and a resumed one (whose
+    checkpoint holds the generator's state) continues the same stream.
+    """
+
+    color_jitter: float = 0.0
+    crop: float = 0.0
+    crop_min_scale: float = 0.3
+
+    @property
+    def enabled(self) -> bool:
+        return self.color_jitter > 0 or self.crop > 0
+
+    def __call__(self, image: Tensor, boxes: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(image, boxes, labels)`` augmented; boxes are xyxy in the returned image's pixels."""
+        from torchvision.transforms import v2
+
+        if self.crop > 0 and len(boxes) and float(torch.rand(())) < self.crop:
+            height, width = image.shape[-2:]
+            wrapped = tv_tensors.BoundingBoxes(boxes, format=tv_tensors.BoundingBoxFormat.XYXY,
+                                               canvas_size=(height, width))
+            crop = v2.Compose([v2.RandomIoUCrop(min_scale=self.crop_min_scale, sampler_options=[0.0]), v2.SanitizeBoundingBoxes()])
+            out = crop({"image": tv_tensors.Image(image), "boxes": wrapped, "labels": labels})
+            image = out["image"].as_subclass(Tensor)
+            boxes, labels = out["boxes"].as_subclass(Tensor), out["labels"]
+        if self.color_jitter > 0:
+            s = self.color_jitter
+            image = v2.ColorJitter(brightness=s, contrast=s, saturation=s)(image).clamp_(0.0, 1.0)
+        return image, boxes, labels

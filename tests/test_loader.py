@@ -14,6 +14,7 @@ from detect.data.loader import (DetectionDataset, GroupedBatchSampler, Skipped, 
                                 eval_loader, shard_indices, synthetic_root)
 from detect.data.records import ImageRecord
 from detect.errors import DatasetError, ImageReadError
+from detect.transforms import TrainAugment
 from tests.engine_fakes import CLASSES, write_images
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -145,3 +146,75 @@ def test_build_dataset_reads_a_real_voc_folder():
     assert len(dataset.class_names) == 3 and len(dataset) > 10
     image, target = dataset[0]
     assert image.shape[1:] == (dataset.records[0].height, dataset.records[0].width)
+
+
+def test_crop_keeps_the_objects_whose_centre_it_holds_in_its_pixels():
+    torch.manual_seed(0)
+    image = torch.rand(3, 120, 160)
+    boxes = torch.tensor([[10.0, 10.0, 40.0, 40.0], [100.0, 60.0, 150.0, 110.0]])
+    labels = torch.tensor([0, 1])
+    augment = TrainAugment(crop=1.0, crop_min_scale=0.3)
+    cropped_once = False
+    for _ in range(20):
+        out, out_boxes, out_labels = augment(image, boxes, labels)
+        h, w = out.shape[-2:]
+        assert 1 <= len(out_boxes) == len(out_labels) and out_labels.dtype == torch.int64
+        assert (out_boxes[:, 0] >= 0).all() and (out_boxes[:, 2] <= w).all() and (out_boxes[:, 3] <= h).all()
+        if (h, w) == (120, 160):
+            continue
+        cropped_once = True
+        assert 0.3 * 120 - 1 <= h and 0.3 * 160 - 1 <= w
+        # the crop's pixels are the image's: find its offset from one kept object's clipped box
+        for (x1, y1, x2, y2), label in zip(out_boxes.tolist(), out_labels.tolist()):
+            src = boxes[label]
+            assert x2 - x1 <= src[2] - src[0] + 1e-4 and y2 - y1 <= src[3] - src[1] + 1e-4
+        hits = [(top, left) for top in range(0, 121 - h) for left in range(0, 161 - w)
+                if torch.equal(image[:, top:top + h, left:left + w], out)]
+        assert len(hits) == 1
+        top, left = hits[0]
+        shifted = out_boxes + torch.tensor([left, top, left, top], dtype=out_boxes.dtype)
+        clipped = boxes[out_labels].clone()
+        clipped[:, 0::2] = clipped[:, 0::2].clamp(left, left + w)
+        clipped[:, 1::2] = clipped[:, 1::2].clamp(top, top + h)
+        assert torch.allclose(shifted, clipped)
+    assert cropped_once
+
+
+def test_crop_leaves_images_without_objects_and_jitter_stays_in_range():
+    image = torch.rand(3, 50, 60)
+    empty = torch.zeros((0, 4))
+    out, out_boxes, _ = TrainAugment(crop=1.0)(image, empty, torch.zeros(0, dtype=torch.int64))
+    assert torch.equal(out, image) and len(out_boxes) == 0
+    torch.manual_seed(1)
+    jittered, same_boxes, _ = TrainAugment(color_jitter=0.4)(image, torch.tensor([[1.0, 2, 30, 40]]),
+                                                             torch.tensor([0]))
+    assert jittered.shape == image.shape and not torch.equal(jittered, image)
+    assert 0.0 <= jittered.min() and jittered.max() <= 1.0
+    assert same_boxes.tolist() == [[1.0, 2, 30, 40]]
+    assert not TrainAugment().enabled
+
+
+def test_augmentation_applies_to_training_items_only_and_repeats_with_the_seed(records):
+    augment = TrainAugment(color_jitter=0.3)
+    plain = DetectionDataset(records, CLASSES, train=True)[1][0]
+    assert torch.equal(DetectionDataset(records, CLASSES, augment=augment)[1][0], plain)   # not a training set
+    dataset = DetectionDataset(records, CLASSES, train=True, augment=augment)
+    torch.manual_seed(3)
+    first = dataset[1][0]
+    torch.manual_seed(3)
+    assert torch.equal(dataset[1][0], first) and not torch.equal(first, plain)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.input.crop=0.5", "model.pipeline=fast_rcnn"], "crop only with faster_rcnn"),
+    (["model.input.crop=0.5", "model.pipeline=rcnn"], "crop only with faster_rcnn"),
+    (["model.input.color_jitter=0.2", "model.pipeline=rcnn"], "features computed once"),
+])
+def test_augmentation_a_pipeline_cannot_use_is_refused(overrides, message):
+    from detect.config import load_config
+    from detect.data.loader import train_augment
+    from detect.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        train_augment(load_config(None, overrides))
+    assert train_augment(load_config(None, ["model.input.color_jitter=0.2", "model.pipeline=fast_rcnn"])).enabled

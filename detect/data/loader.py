@@ -31,8 +31,8 @@ from detect.data.image import DEFAULT_MAX_PIXELS, image_size, pil_to_rgb, read_i
 from detect.data.records import ImageRecord
 from detect.data.synthetic import SYNTHETIC_CLASSES, generate_synthetic
 from detect.data.voc import VOCDataset
-from detect.errors import DatasetError, ImageReadError
-from detect.transforms import hflip
+from detect.errors import ConfigError, DatasetError, ImageReadError
+from detect.transforms import TrainAugment, hflip
 
 DEFAULT_SYNTHETIC_ROOT = Path("data") / "synthetic"
 
@@ -102,6 +102,7 @@ class DetectionDataset(Dataset):
         use_difficult: keep difficult objects in training targets.
         strict: raise on an unreadable image instead of returning :class:`Skipped`.
         max_pixels: images declaring more pixels than this are unreadable (decompression bombs).
+        augment: training-only colour / crop augmentation, applied after the flip (``train`` only).
 
     Items are indexed by ``i`` or ``(i, flip)``; ``flip`` mirrors the image and its boxes.
     """
@@ -109,8 +110,9 @@ class DetectionDataset(Dataset):
     def __init__(self, records: list[ImageRecord], class_names: list[str], *, train: bool = False,
                  use_difficult: bool = False, strict: bool = False,
                  coco_ids: tuple[dict[str, int], list[int]] | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, augment: TrainAugment | None = None) -> None:
         self.records = list(records)
+        self.augment = augment if augment is not None and augment.enabled else None
         self.coco_ids = coco_ids   # COCO sources: (our image id -> COCO id, category id per label)
         self.class_names = list(class_names)
         self.train = train
@@ -133,11 +135,13 @@ class DetectionDataset(Dataset):
                 raise
             return Skipped(record.image_id, str(record.path), str(exc))
         boxes = torch.from_numpy(record.boxes.copy())
+        labels = torch.from_numpy(record.labels.copy())
         if flip:
             image, boxes = hflip(image, boxes)
+        if self.augment is not None and self.train:
+            image, boxes, labels = self.augment(image, boxes, labels)
         # image_id and flipped let a model look up this image's stored proposals (Fast R-CNN, R-CNN).
-        target = {"boxes": boxes, "labels": torch.from_numpy(record.labels.copy()), "image_id": record.image_id,
-                  "flipped": bool(flip)}
+        target = {"boxes": boxes, "labels": labels, "image_id": record.image_id, "flipped": bool(flip)}
         return image, target
 
     def aspect_ratios(self) -> list[float]:
@@ -318,4 +322,23 @@ def build_dataset(cfg, split: str, *, train: bool = False, strict: bool = False)
     if not records:
         raise DatasetError(f"split '{split}' of {cfg.data.root or cfg.data.format} has no usable images")
     return DetectionDataset(records, class_names, train=train, use_difficult=cfg.data.use_difficult, strict=strict,
-                            coco_ids=coco_ids, max_pixels=cfg.data.max_image_pixels)
+                            coco_ids=coco_ids, max_pixels=cfg.data.max_image_pixels,
+                            augment=train_augment(cfg) if train else None)
+
+
+def train_augment(cfg) -> TrainAugment:
+    """The training augmentation ``cfg.model.input`` asks for; refused where a pipeline cannot use it.
+
+    A crop moves the image under Fast R-CNN's stored proposals, and R-CNN computes its region
+    features once for all epochs, so jittered colours would never reach them.
+    """
+    i, pipeline = cfg.model.input, cfg.model.pipeline
+    augment = TrainAugment(color_jitter=i.color_jitter, crop=i.crop, crop_min_scale=i.crop_min_scale)
+    where = cfg.source or "config"
+    if i.crop > 0 and pipeline != "faster_rcnn":
+        raise ConfigError(f"{where}: model.input.crop={i.crop}: the {pipeline} pipeline's stored proposals are "
+                          "of the whole image; crop only with faster_rcnn (set model.input.crop=0)")
+    if i.color_jitter > 0 and pipeline == "rcnn":
+        raise ConfigError(f"{where}: model.input.color_jitter={i.color_jitter}: R-CNN trains its SVMs on "
+                          "features computed once; set model.input.color_jitter=0")
+    return augment
