@@ -175,7 +175,7 @@ class TrainConfig:
     log_period: int = 20           # iterations per line of metrics.jsonl
     seed: int = 0
     workers: int = 2
-    amp: bool = False
+    amp: Union[bool, Literal["auto"]] = False   # auto: bf16 where the CPU computes it natively (utils.runtime)
     deterministic: bool = False
     threads: int = 0               # CPU threads (0: physical cores, shared among torchrun's processes; tool: --threads)
     flush_denormal: bool = True    # flush denormal floats to zero on the CPU (some CPUs are ~15x slower on them)

@@ -114,7 +114,7 @@ HELP: dict[str, str] = {
     "train.log_period": "iterations per line of metrics.jsonl",
     "train.seed": "seed of weights, batch order and sampling",
     "train.workers": "DataLoader worker processes (0: decode in the training process)",
-    "train.amp": "mixed precision (CUDA only)",
+    "train.amp": "mixed precision: CUDA float16, CPU bfloat16; auto: only where it is native (CPU float32 otherwise)",
     "train.deterministic": "deterministic kernels (slower; bitwise-repeatable runs)",
     "train.threads": "CPU threads of torch and OpenCV (0: the physical cores, shared among torchrun's local processes; tools: --threads)",
     "train.flush_denormal": "flush denormal floats to zero on the CPU (some CPUs run ~15x slower on them; tools: --no-flush-denormal)",

@@ -40,6 +40,15 @@ def test_runtime_flags_reach_the_tools_it_calls(tmp_path, monkeypatch):
         {"train": (3, False), "test": (3, False), "demo": (3, False)}
     assert len(list(seen["demo"].images.iterdir())) == 2          # --draw 2: the first two test images only
     assert quickstart.runtime_flags(quickstart.parse_args([])) == []
+    assert seen["train"].overrides[0] == "train.amp=auto"        # bf16 where the CPU has it (the demo's default)
+
+
+def test_demo_trains_in_bf16_where_native_unless_told_otherwise():
+    from detect.config import load_config
+
+    assert load_config(quickstart.DEFAULT_CONFIG, quickstart.parse_args([]).overrides).train.amp == "auto"
+    told = quickstart.parse_args(["--set", "train.amp=false"]).overrides
+    assert load_config(quickstart.DEFAULT_CONFIG, told).train.amp is False
 
 
 def test_short_demo_trains_in_two_processes(tmp_path, capfd):

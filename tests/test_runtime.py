@@ -22,6 +22,7 @@ import torch
 import detect.cli
 from detect.cli import common
 from detect.config import TrainConfig, load_config
+from detect.errors import ConfigError
 from detect.utils import runtime
 from detect.utils.runtime import cgroup_cpu_quota, default_threads, physical_cores
 
@@ -288,3 +289,18 @@ def test_the_tools_make_idle_openmp_threads_sleep_unless_told_otherwise():
         env.update({"PYTHONPATH": str(REPO)}, **({"OMP_WAIT_POLICY": given} if given else {}))
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
         assert done.stdout.split() == [expected], done.stderr
+
+
+def test_amp_auto_takes_bfloat16_only_where_the_cpu_and_torchs_kernels_compute_it(monkeypatch):
+    messages = []
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert runtime.autocast_dtype("auto", torch.device("cpu"), log=messages.append, flags={"avx512_bf16"}) \
+        == torch.bfloat16
+    assert runtime.autocast_dtype("auto", torch.device("cpu"), log=messages.append, flags={"avx2"}) is None
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")   # ATEN_CPU_CAPABILITY=avx2
+    assert runtime.autocast_dtype("auto", torch.device("cpu"), log=messages.append, flags={"avx512_bf16"}) is None
+    assert [m.split(": ")[1].split()[0] for m in messages] == ["bfloat16", "float32", "float32"]
+    assert runtime.autocast_dtype("auto", torch.device("cuda"), log=messages.append) == torch.float16
+    assert load_config(None, ["train.amp=auto"]).train.amp == "auto"
+    with pytest.raises(ConfigError, match="train.amp"):
+        load_config(None, ["train.amp=yes please"])

@@ -29,6 +29,9 @@ from detect.errors import DetectError
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "faster_rcnn" / "tiny_synthetic.yaml"
 
 
+DEMO_AMP = "train.amp=auto"   # 1.4x faster training steps on AVX512-BF16 CPUs; same mAP (see the README)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="detect-quickstart", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,6 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--processes must be 0 or more, got {args.processes}")
     if args.draw < 0:
         parser.error(f"--draw must be 0 or more, got {args.draw}")
+    # bfloat16 autocast where the CPU computes it natively (utils.runtime.fast_bf16), float32 elsewhere;
+    # a --set train.amp=... of the user's comes later and wins.
+    args.overrides = [DEMO_AMP, *args.overrides]
     return args
 
 

@@ -182,13 +182,26 @@ def native_bf16(flags: set[str] | None = None) -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
-def autocast_dtype(amp: bool, device, *, log: Callable[[str], None] = print, flags: set[str] | None = None):
+def fast_bf16(flags: set[str] | None = None) -> bool:
+    """Whether bfloat16 autocast runs faster than float32 here: native bf16 and torch's AVX-512 (or AMX) kernels.
+
+    ``ATEN_CPU_CAPABILITY=avx2`` (the test suite's pin) makes torch dispatch to AVX2 kernels, which emulate
+    bfloat16 even on a CPU that has it.
+    """
+    import torch
+
+    return native_bf16(flags) and torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2", "NO AVX")
+
+
+def autocast_dtype(amp: bool | str, device, *, log: Callable[[str], None] = print, flags: set[str] | None = None):
     """The mixed-precision dtype of ``train.amp`` on ``device``: float16 on CUDA, bfloat16 on the CPU, else None.
 
     float16 needs loss scaling (a ``GradScaler``: its 5-bit exponent underflows on small gradients);
     bfloat16 keeps float32's exponent, so the CPU path has none. A CPU without AVX512-BF16 or AMX
     emulates bfloat16 arithmetic: ``train.amp`` then runs, but slower than float32 (a tiny Faster R-CNN step:
-    5.9 s against 0.65 s on an AVX2-only AMD EPYC, 2026-12-01), and ``log`` is told.
+    5.9 s against 0.65 s on an AVX2-only AMD EPYC, 2026-12-01), and ``log`` is told. ``amp="auto"``
+    takes bfloat16 on a CPU only where it is faster (:func:`fast_bf16`), float32 elsewhere, and float16
+    on CUDA.
     """
     import torch
 
@@ -198,6 +211,11 @@ def autocast_dtype(amp: bool, device, *, log: Callable[[str], None] = print, fla
     if kind == "cuda":
         return torch.float16
     if kind == "cpu":
+        if amp == "auto":
+            fast = fast_bf16(flags)
+            log("train.amp=auto: " + ("bfloat16 autocast (this CPU computes bfloat16 natively)" if fast else
+                                      "float32 (this CPU, or torch's kernels here, would emulate bfloat16)"))
+            return torch.bfloat16 if fast else None
         if not native_bf16(flags):
             log("train.amp on this CPU: it has no AVX512-BF16/AMX, so bfloat16 is emulated and much slower "
                 "than float32 (set train.amp=false)")
