@@ -72,7 +72,7 @@ RANGES: dict[str, Range] = {
     "model.input.min_size": POSITIVE, "model.input.max_size": POSITIVE, "model.input.test_min_size": POSITIVE,
     "model.input.size_divisibility": NON_NEGATIVE,
     "model.input.auto_min_object": POSITIVE, "model.input.auto_max_size": POSITIVE,
-    "model.input.color_jitter": BELOW_ONE, "model.input.crop": FRACTION,
+    "model.input.auto_scales": POSITIVE, "model.input.color_jitter": BELOW_ONE, "model.input.crop": FRACTION,
     "model.input.crop_min_scale": Range(0, 1, lo_open=True),
     "model.rpn.channels": POSITIVE, "model.rpn.batch_size_per_image": POSITIVE,
     "model.rpn.positive_fraction": FRACTION, "model.rpn.fg_iou_thresh": FRACTION,

@@ -87,6 +87,7 @@ HELP: dict[str, str] = {
     "model.input.auto": "choose min_size, max_size and test_min_size from the training boxes (detect-suggest-anchors's rule)",
     "model.input.auto_min_object": "auto: the smallest size (sqrt(w*h), px at the network input) that 95% of each class's objects must reach",
     "model.input.auto_max_size": "auto: the largest image side the rule may choose",
+    "model.input.auto_scales": "auto: multi-scale training at these multiples of the chosen shorter side (testing stays at 1)",
     "model.input.color_jitter": "training: scale brightness, contrast and saturation by factors in [1-s, 1+s] (0: off)",
     "model.input.crop": "training: probability of a random crop that keeps at least one object (Faster R-CNN only; 0: off)",
     "model.input.crop_min_scale": "crop: the smallest fraction of each image side a crop keeps",

@@ -234,6 +234,11 @@ def suggest_anchors(widths: np.ndarray, heights: np.ndarray, num_sizes: int = 3,
     return [round(float(s), 1) for s in sizes], [round(float(r), 2) for r in ratios]
 
 
+def training_scales(short: int, factors: Sequence[float], *, step: int = SIZE_STEP) -> list[int]:
+    """The multi-scale training sides ``short * f`` for each factor, rounded to multiples of ``step`` (sorted, unique)."""
+    return sorted({max(step, round(short * f / step) * step) for f in factors})
+
+
 def apply_auto_sizes(cfg: Config, records: Sequence[ImageRecord], *,
                      log: Callable[[str], None] | None = None) -> Config:
     """A copy of ``cfg`` whose ``model.input`` / ``model.anchors`` marked ``auto`` are chosen from ``records``.
@@ -266,6 +271,11 @@ def apply_auto_sizes(cfg: Config, records: Sequence[ImageRecord], *,
         choice = suggest_input_size(records, min_side=inp.auto_min_object, max_size=inp.auto_max_size)
         inp.min_size, inp.test_min_size, inp.max_size, inp.auto = [choice.min_size], choice.min_size, choice.max_size, False
         say(f"model.input.auto: {choice.describe()}")
+        if list(inp.auto_scales) != [1.0]:
+            inp.min_size = training_scales(choice.min_size, inp.auto_scales)
+            inp.max_size = object_table(records).longer_side(max(inp.min_size), max_size=inp.auto_max_size)
+            say(f"model.input.auto_scales: training shorter sides {inp.min_size} (one drawn per image), longer "
+                f"<= {inp.max_size}; testing at {inp.test_min_size}")
     if anchors.auto:
         shapes = [resized_box_shapes(records, s, inp.max_size) for s in inp.min_size]
         widths, heights = np.concatenate([w for w, _ in shapes]), np.concatenate([h for _, h in shapes])

@@ -170,3 +170,16 @@ def test_custom_config_builds_the_chosen_model_on_a_voc_tree(tmp_path):
     generator = _anchor_generator(model)
     assert generator.sizes == tuple(resolved.model.anchors.sizes) and len(generator.sizes) == 5
     assert generator.sizes != (16.0, 32.0, 64.0, 128.0, 256.0)
+
+
+def test_auto_scales_train_at_multiples_of_the_chosen_side_and_test_at_it():
+    from detect.input_size import training_scales
+
+    assert training_scales(256, [0.75, 0.875, 1.0, 1.125, 1.25]) == [192, 224, 256, 288, 320]
+    assert training_scales(640, [1.0, 1.01, 0.5]) == [320, 640]      # rounded to multiples of 32, unique
+    messages = []
+    cfg = load_config(FASTER, ["model.input.auto_scales=[0.5, 1.0, 1.25]", "model.anchors.auto=false"])
+    inp = apply_auto_sizes(cfg, MIXED, log=messages.append).model.input
+    # the rule picks 640 / 800 for these 1000 x 800 images; the largest training side, 800, gets 1000 rounded up to 1024
+    assert (inp.min_size, inp.test_min_size, inp.max_size) == ([320, 640, 800], 640, 1024)
+    assert "training shorter sides [320, 640, 800]" in messages[1]

@@ -51,6 +51,15 @@ def test_demo_trains_in_bf16_where_native_unless_told_otherwise():
     assert load_config(quickstart.DEFAULT_CONFIG, told).train.amp is False
 
 
+def test_demo_takes_one_thread_only_where_it_trains_in_bf16(monkeypatch):
+    from detect.utils import runtime
+
+    for fast, argv, expected in ((True, [], 1), (False, [], None), (True, ["--threads", "2"], 2),
+                                 (True, ["--set", "train.amp=false"], None), (True, ["--device", "cuda"], None)):
+        monkeypatch.setattr(runtime, "fast_bf16", lambda flags=None, fast=fast: fast)
+        assert quickstart.demo_threads(quickstart.parse_args(argv)) == expected, (fast, argv)
+
+
 def test_short_demo_trains_in_two_processes(tmp_path, capfd):
     out = tmp_path / "qs"
     code = quickstart.main(["--out", str(out), "--no-progress", "--processes", "2",
