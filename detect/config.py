@@ -324,6 +324,19 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _union_name(tp: Any) -> str:
+    """A union's options as a reader writes them: ``true or false or 'auto'``, ``list[str] or str``."""
+    names = []
+    for option in typing.get_args(tp):
+        if option is bool:
+            names.append("true or false")
+        elif typing.get_origin(option) is Literal:
+            names.extend(repr(v) for v in typing.get_args(option))
+        else:
+            names.append(_type_name(option))
+    return " or ".join(names)
+
+
 def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it converted (int -> float, list -> tuple)."""
     origin = typing.get_origin(tp)
@@ -346,7 +359,7 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
                 return _coerce(value, option, key, where)
             except ConfigError:
                 continue
-        raise ConfigError(f"{where}: key '{key}' has the wrong type: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{where}: key '{key}' has the wrong type: expected {_union_name(tp)}, got {value!r}")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: key '{key}' must be a list, got {value!r}")

@@ -29,7 +29,7 @@ def test_yaml_file_and_overrides(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("model:\n  rpn:\n    nms_tresh: 0.6\n", "unknown key 'model.rpn.nms_tresh'"),
     ("train:\n  max_iter: ten\n", "key 'train.max_iter' must be an integer"),
-    ("train:\n  amp: 1\n", "key 'train.amp' must be true or false"),
+    ("train:\n  amp: 1\n", "key 'train.amp' has the wrong type: expected true or false or 'auto', got 1"),
     ("model:\n  roi_heads:\n    pooler: roi_magic\n", "key 'model.roi_heads.pooler' must be one of"),
     ("model: 3\n", "key 'model' must be a mapping"),
     ("data:\n  classes: 7\n", "key 'data.classes' has the wrong type"),
