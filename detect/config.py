@@ -69,8 +69,8 @@ class InputConfig:
     auto: bool = False             # choose min_size/max_size/test_min_size from the data (detect.input_size)
     auto_min_object: float = 16.0  # auto: px that 95% of each class's objects reach at the network input
     auto_max_size: int = 1333      # auto: the largest side it may choose
-    auto_scales: list[float] = field(default_factory=lambda: [1.0])   # auto: training sides as multiples of the chosen one
-    color_jitter: float = 0.0      # training: brightness/contrast/saturation factors in [1-s, 1+s] (transforms.TrainAugment)
+    auto_scales: list[float] = field(default_factory=lambda: [1.0])   # auto: training sides, x the chosen one
+    color_jitter: float = 0.0      # training: brightness/contrast/saturation x [1-s, 1+s] (transforms.TrainAugment)
     crop: float = 0.0              # training: probability of a random crop keeping >= 1 object (Faster R-CNN only)
     crop_min_scale: float = 0.3    # crop: the smallest fraction of each side it keeps
 

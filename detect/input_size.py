@@ -235,7 +235,7 @@ def suggest_anchors(widths: np.ndarray, heights: np.ndarray, num_sizes: int = 3,
 
 
 def training_scales(short: int, factors: Sequence[float], *, step: int = SIZE_STEP) -> list[int]:
-    """The multi-scale training sides ``short * f`` for each factor, rounded to multiples of ``step`` (sorted, unique)."""
+    """The multi-scale training sides ``short * f``, rounded to multiples of ``step`` (sorted, unique)."""
     return sorted({max(step, round(short * f / step) * step) for f in factors})
 
 

@@ -232,7 +232,8 @@ class TrainAugment:
             height, width = image.shape[-2:]
             wrapped = tv_tensors.BoundingBoxes(boxes, format=tv_tensors.BoundingBoxFormat.XYXY,
                                                canvas_size=(height, width))
-            crop = v2.Compose([v2.RandomIoUCrop(min_scale=self.crop_min_scale, sampler_options=[0.0]), v2.SanitizeBoundingBoxes()])
+            crop = v2.Compose([v2.RandomIoUCrop(min_scale=self.crop_min_scale, sampler_options=[0.0]),
+                               v2.SanitizeBoundingBoxes()])
             out = crop({"image": tv_tensors.Image(image), "boxes": wrapped, "labels": labels})
             image = out["image"].as_subclass(Tensor)
             boxes, labels = out["boxes"].as_subclass(Tensor), out["labels"]

@@ -54,10 +54,14 @@ def test_demo_trains_in_bf16_where_native_unless_told_otherwise():
 def test_demo_takes_one_thread_only_where_it_trains_in_bf16(monkeypatch):
     from detect.utils import runtime
 
+    from detect.config import load_config
+
     for fast, argv, expected in ((True, [], 1), (False, [], None), (True, ["--threads", "2"], 2),
                                  (True, ["--set", "train.amp=false"], None), (True, ["--device", "cuda"], None)):
         monkeypatch.setattr(runtime, "fast_bf16", lambda flags=None, fast=fast: fast)
-        assert quickstart.demo_threads(quickstart.parse_args(argv)) == expected, (fast, argv)
+        args = quickstart.parse_args(argv)
+        amp = load_config(quickstart.DEFAULT_CONFIG, args.overrides).train.amp
+        assert quickstart.demo_threads(args, amp) == expected, (fast, argv)
 
 
 def test_short_demo_trains_in_two_processes(tmp_path, capfd):
